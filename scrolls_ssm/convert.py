@@ -1,0 +1,185 @@
+"""Seed a ScrollsSSM model from a pretrained BART-family checkpoint, swapping the encoder's mixers layer by layer.
+
+What is kept: the shared embeddings, the whole decoder, the LM head (tied) and logits bias, and for every encoder layer
+its FFN and both layer norms; `attention` layers also keep their q/k/v/out projections. What is new: the mixers of
+the other kinds (their own initialization) and learned positions beyond the checkpoint's, which are the pretrained
+ones tiled (as LED was made from BART).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    BartConfig,
+    BartForConditionalGeneration,
+    LEDForConditionalGeneration,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .configuration_scrolls_ssm import ScrollsSSMConfig
+from .modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
+
+# model_type -> (model class, parameter prefix, example checkpoints for error messages)
+SUPPORTED_FAMILIES = {
+    "bart": (BartForConditionalGeneration, "model", "facebook/bart-base, facebook/bart-large"),
+    "led": (LEDForConditionalGeneration, "led", "allenai/led-base-16384, allenai/led-large-16384"),
+}
+# BART's learned positions start at row 2 (a fairseq legacy); LED's start at row 0.
+_BART_POSITION_OFFSET = 2
+
+
+def _unsupported(model_type: str) -> ValueError:
+    supported = "; ".join(f"{family} ({examples})" for family, (_, _, examples) in SUPPORTED_FAMILIES.items())
+    return ValueError(
+        f"swap_encoder cannot convert a checkpoint of model_type={model_type!r}. Supported families: {supported}."
+    )
+
+
+def swap_encoder(
+    model_or_path: PreTrainedModel | str | os.PathLike,
+    encoder_layer_types: list[str],
+    max_source_positions: int = 16384,
+    return_tokenizer: bool = False,
+    **config_overrides,
+) -> ScrollsSSMForConditionalGeneration | tuple[ScrollsSSMForConditionalGeneration, PreTrainedTokenizerBase]:
+    """Build a `ScrollsSSMForConditionalGeneration` from a BART or LED checkpoint.
+
+    Args:
+        model_or_path: a `BartForConditionalGeneration` / `LEDForConditionalGeneration`, or a local path or Hub id
+            of one (`facebook/bart-base`, `allenai/led-base-16384`, ...).
+        encoder_layer_types: one mixer kind per encoder layer, e.g. `["s4d"] * 5 + ["attention"]`.
+        max_source_positions: the new encoder length limit; learned positions are tiled up to it.
+        return_tokenizer: also load the checkpoint's tokenizer (only with a path), with `model_max_length` set to
+            `max_source_positions`, and return `(model, tokenizer)`.
+        **config_overrides: other `ScrollsSSMConfig` fields, e.g. `attention_window=1024`, `s4d_d_state=64`.
+
+    With every layer `attention` and inputs no longer than the checkpoint's positions, the result computes exactly
+    what the BART checkpoint computes.
+    """
+    if isinstance(model_or_path, (str, os.PathLike)):
+        source_config = AutoConfig.from_pretrained(model_or_path)
+        if source_config.model_type not in SUPPORTED_FAMILIES:
+            raise _unsupported(source_config.model_type)
+        source = SUPPORTED_FAMILIES[source_config.model_type][0].from_pretrained(model_or_path)
+    elif isinstance(model_or_path, PreTrainedModel):
+        if return_tokenizer:
+            raise ValueError("return_tokenizer=True needs a path or Hub id to load the tokenizer from, not a model.")
+        source = model_or_path
+    else:
+        raise TypeError(
+            f"model_or_path must be a BART-family model or a path / Hub id, not {type(model_or_path).__name__}."
+        )
+    family = source.config.model_type
+    if family not in SUPPORTED_FAMILIES or not isinstance(source, SUPPORTED_FAMILIES[family][0]):
+        raise _unsupported(family if family in SUPPORTED_FAMILIES else f"{family} ({type(source).__name__})")
+
+    config = _scrolls_config(source.config, encoder_layer_types, max_source_positions, config_overrides)
+    model = ScrollsSSMForConditionalGeneration(config)
+    state = _convert_state_dict(source, config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new_mixer_params = {
+        name
+        for name in model.state_dict()
+        if ".encoder.layers." in name and ".mixer." in name and config.encoder_layer_types[_layer_of(name)] != "attention"
+    }
+    tied = {"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"}
+    assert not unexpected and set(missing) <= new_mixer_params | tied, (missing, unexpected)
+    model.tie_weights()
+    model.to(next(source.parameters()).dtype)
+    if return_tokenizer:
+        return model, load_tokenizer(model_or_path, max_source_positions)
+    return model
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, max_source_positions: int = 16384) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, allowed to produce up to `max_source_positions` tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer.model_max_length = max_source_positions
+    return tokenizer
+
+
+def _layer_of(param_name: str) -> int:
+    return int(param_name.split(".encoder.layers.")[1].split(".")[0])
+
+
+def _scrolls_config(source_config, encoder_layer_types, max_source_positions, overrides) -> ScrollsSSMConfig:
+    """The source's architecture, in the fields BART and ScrollsSSM share, plus the new encoder layout."""
+    fields = {
+        name: getattr(source_config, name)
+        for name in BartConfig.__dataclass_fields__
+        if hasattr(source_config, name) and name not in ("max_position_embeddings", "attention_window")
+    }
+    if source_config.model_type == "led":
+        fields["max_position_embeddings"] = source_config.max_decoder_position_embeddings
+    else:
+        fields["max_position_embeddings"] = source_config.max_position_embeddings
+    return ScrollsSSMConfig(
+        **fields,
+        encoder_layer_types=list(encoder_layer_types),
+        max_source_positions=max_source_positions,
+        **overrides,
+    )
+
+
+def _tile_positions(pretrained: torch.Tensor, length: int) -> torch.Tensor:
+    """(n, d) learned positions -> (length, d), repeating the pretrained table as often as needed."""
+    repeats = -(-length // pretrained.shape[0])
+    return pretrained.repeat(repeats, 1)[:length]
+
+
+def _convert_state_dict(source: PreTrainedModel, config: ScrollsSSMConfig) -> dict[str, torch.Tensor]:
+    family = source.config.model_type
+    prefix = SUPPORTED_FAMILIES[family][1]
+    offset = 0 if family == "led" else _BART_POSITION_OFFSET
+    source_state = source.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in source_state.items():
+        if not name.startswith(f"{prefix}."):
+            state[name] = tensor  # lm_head.weight, final_logits_bias
+            continue
+        name = "model." + name[len(prefix) + 1 :]
+        if name.startswith("model.encoder.layers."):
+            mapped = _encoder_layer_param(name, config)
+            if mapped is not None:
+                state[mapped] = tensor
+        elif name.endswith("embed_positions.weight"):
+            limit = config.max_source_positions if ".encoder." in name else config.max_position_embeddings
+            positions = _tile_positions(tensor[offset:], limit)
+            # Rows before the offset are never looked up; keep BART's so a plain BART round-trips exactly.
+            head = tensor[:_BART_POSITION_OFFSET] if offset else positions.new_zeros(_BART_POSITION_OFFSET, positions.shape[1])
+            state[name] = torch.cat([head, positions])
+        else:
+            state[name] = tensor
+    return state
+
+
+# Encoder-layer parameters that survive a swap, source name -> ours. `None` drops the parameter.
+_ATTENTION_NAMES = {
+    "self_attn.q_proj": "mixer.q_proj",  # BART
+    "self_attn.k_proj": "mixer.k_proj",
+    "self_attn.v_proj": "mixer.v_proj",
+    "self_attn.out_proj": "mixer.out_proj",
+    "self_attn.longformer_self_attn.query": "mixer.q_proj",  # LED's local attention
+    "self_attn.longformer_self_attn.key": "mixer.k_proj",
+    "self_attn.longformer_self_attn.value": "mixer.v_proj",
+    "self_attn.output": "mixer.out_proj",
+}
+_BLOCK_NAMES = {"self_attn_layer_norm": "mixer_layer_norm", "fc1": "fc1", "fc2": "fc2", "final_layer_norm": "final_layer_norm"}
+
+
+def _encoder_layer_param(name: str, config: ScrollsSSMConfig) -> str | None:
+    # name: model.encoder.layers.{i}.{module path}.{weight|bias}
+    head, rest = name.split(".encoder.layers.")
+    index, module_path = rest.split(".", 1)
+    module, param = module_path.rsplit(".", 1)
+    layer = f"{head}.encoder.layers.{index}"
+    if module in _BLOCK_NAMES:
+        return f"{layer}.{_BLOCK_NAMES[module]}.{param}"
+    if module in _ATTENTION_NAMES and config.encoder_layer_types[int(index)] == "attention":
+        return f"{layer}.{_ATTENTION_NAMES[module]}.{param}"
+    return None  # attention weights of a layer that now has another mixer, LED's global projections
