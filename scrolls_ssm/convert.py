@@ -85,7 +85,9 @@ def swap_encoder(
     new_mixer_params = {
         name
         for name in model.state_dict()
-        if ".encoder.layers." in name and ".mixer." in name and config.encoder_layer_types[_layer_of(name)] != "attention"
+        if ".encoder.layers." in name
+        and ".mixer." in name
+        and config.encoder_layer_types[_layer_of(name)] != "attention"
     }
     tied = {"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"}
     assert not unexpected and set(missing) <= new_mixer_params | tied, (missing, unexpected)
@@ -151,7 +153,11 @@ def _convert_state_dict(source: PreTrainedModel, config: ScrollsSSMConfig) -> di
             limit = config.max_source_positions if ".encoder." in name else config.max_position_embeddings
             positions = _tile_positions(tensor[offset:], limit)
             # Rows before the offset are never looked up; keep BART's so a plain BART round-trips exactly.
-            head = tensor[:_BART_POSITION_OFFSET] if offset else positions.new_zeros(_BART_POSITION_OFFSET, positions.shape[1])
+            head = (
+                tensor[:_BART_POSITION_OFFSET]
+                if offset
+                else positions.new_zeros(_BART_POSITION_OFFSET, positions.shape[1])
+            )
             state[name] = torch.cat([head, positions])
         else:
             state[name] = tensor
@@ -169,7 +175,12 @@ _ATTENTION_NAMES = {
     "self_attn.longformer_self_attn.value": "mixer.v_proj",
     "self_attn.output": "mixer.out_proj",
 }
-_BLOCK_NAMES = {"self_attn_layer_norm": "mixer_layer_norm", "fc1": "fc1", "fc2": "fc2", "final_layer_norm": "final_layer_norm"}
+_BLOCK_NAMES = {
+    "self_attn_layer_norm": "mixer_layer_norm",
+    "fc1": "fc1",
+    "fc2": "fc2",
+    "final_layer_norm": "final_layer_norm",
+}
 
 
 def _encoder_layer_param(name: str, config: ScrollsSSMConfig) -> str | None:

@@ -55,11 +55,11 @@ class AttentionMixer(nn.Module):
         return self.out_proj(out.reshape(batch, seq, self.embed_dim))
 
     def _full(self, hidden_states, q, k, v, attention_mask):
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, _ = attend(
-            self, q, k, v, mask, dropout=self.dropout if self.training else 0.0, scaling=self.scaling
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
         )
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attend(self, q, k, v, mask, dropout=self.dropout if self.training else 0.0, scaling=self.scaling)
         return out  # (batch, seq, heads, head_dim)
 
     def _block_local(self, q, k, v, attention_mask):

@@ -90,7 +90,9 @@ class ScrollsSSMPreTrainedModel(PreTrainedModel):
         if isinstance(module, ScrollsSSMForConditionalGeneration):
             nn.init.zeros_(module.final_logits_bias)
 
-    def _check_and_adjust_attn_implementation(self, attn_implementation: str | None, is_init_check: bool = False, **kw):
+    def _check_and_adjust_attn_implementation(
+        self, attn_implementation: str | None, is_init_check: bool = False, **kw
+    ):
         # Asking for flash_attention_2 without flash-attn (or without CUDA) would make transformers try to download a
         # kernel from the Hub. Fall back to SDPA, which gives the same numbers, and say so once.
         if attn_implementation == "flash_attention_2" and not (
