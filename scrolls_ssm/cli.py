@@ -1,0 +1,112 @@
+"""The `scrolls-ssm` command line.
+
+Each subcommand is one `add_parser` call in `_build_parser()` plus one `_run_<name>(args) -> int` function set
+as its `func`; `main` parses, dispatches, and turns the toolkit's ValueErrors (which already name the file,
+field and fix) into a one-line message and exit status 1 instead of a traceback.
+
+    scrolls-ssm score --task qasper --predictions preds/qasper.json --references data/qasper.zip
+    scrolls-ssm submit --predictions-dir preds --output submission.csv --references-dir data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+
+from scrolls_ssm.data import SCORED_TASKS, SPLITS, TASKS, group_references, load_scrolls
+from scrolls_ssm.metrics import compute_scrolls_metrics
+from scrolls_ssm.submission import (
+    build_submission_csv,
+    read_predictions,
+    read_submission_csv,
+    split_ids,
+    write_text_atomic,
+)
+
+
+def format_metrics(task: str, split: str, metrics: Mapping[str, object]) -> str:
+    """The metric table printed by `score`: one `key value` line per official key."""
+    width = max(len(key) for key in metrics)
+    lines = [f"{task} ({split})"]
+    lines += [f"  {key:<{width}}  {'-' if value is None else value}" for key, value in metrics.items()]
+    return "\n".join(lines)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    rows = load_scrolls(args.task, args.split, data_files=args.references, cache_dir=args.cache_dir)
+    _, references = group_references(rows)
+    predictions = read_predictions(args.predictions)
+    metrics = compute_scrolls_metrics(args.task, predictions, references, num_proc=args.num_proc)
+    print(format_metrics(args.task, args.split, metrics))
+    if args.output:
+        record = {"task": args.task, "split": args.split, **metrics}
+        write_text_atomic(args.output, json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    expected = None
+    if args.references_dir is not None:
+        expected = {task: split_ids(task, args.references_dir, args.split) for task in SCORED_TASKS}
+    else:
+        print("note: no --references-dir, so ids are not checked against the split", file=sys.stderr)
+    path = build_submission_csv(args.predictions_dir, args.output, expected_ids=expected)
+    counts = {task: len(rows) for task, rows in read_submission_csv(path).items()}
+    print(f"wrote {path}: " + ", ".join(f"{task} {count}" for task, count in counts.items()))
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scrolls-ssm", description="Long-document seq2seq on SCROLLS.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    score = commands.add_parser(
+        "score",
+        help="score a {id: prediction} JSON with the official SCROLLS metric",
+        description="Score predictions against a split's references with the official-equivalent metric.",
+    )
+    score.add_argument("--task", required=True, choices=list(TASKS))
+    score.add_argument("--predictions", required=True, help="JSON object {id: prediction}")
+    score.add_argument(
+        "--references",
+        required=True,
+        help="the official <task>.zip, a folder with <split>.jsonl or <task>/<split>.jsonl, or a JSONL/parquet file",
+    )
+    score.add_argument("--split", default="validation", choices=[s for s in SPLITS if s != "test"])
+    score.add_argument("--output", help="also write the metrics as JSON here")
+    score.add_argument("--num-proc", type=int, default=None, help="processes for ROUGE (summarization tasks)")
+    score.add_argument("--cache-dir", default=None, help="cache for validated data (default: datasets cache)")
+    score.set_defaults(func=_run_score)
+
+    submit = commands.add_parser(
+        "submit",
+        help="build the leaderboard CSV from per-task prediction JSONs",
+        description=f"Build Task,ID,Prediction CSV from <dir>/<task>.json for {', '.join(SCORED_TASKS)}.",
+    )
+    submit.add_argument("--predictions-dir", required=True, help="folder holding <task>.json per task")
+    submit.add_argument("--output", required=True, help="CSV to write")
+    submit.add_argument(
+        "--references-dir",
+        default=None,
+        help="folder with the official <task>.zip files (or <task>/<split>.jsonl) to check ids against",
+    )
+    submit.add_argument("--split", default="test", choices=list(SPLITS), help="split whose ids must be covered")
+    submit.set_defaults(func=_run_submit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as error:
+        print(f"scrolls-ssm {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
