@@ -238,10 +238,16 @@ def _iter_records(source: _LocalSource, split: str, keep_is_hard: bool) -> Itera
         count = row_number
     else:
         for line_number, raw in enumerate(_open_lines(source), start=1):
-            text = raw.decode("utf-8").strip()
-            if not text:
+            try:
+                text = raw.decode("utf-8").rstrip("\r\n")  # unstripped otherwise, so JSON error columns are true
+            except UnicodeDecodeError as error:
+                raise ScrollsDataError(
+                    f"{source.label}, line {line_number}: not UTF-8 ({error.reason} at byte {error.start}). "
+                    f"Fix: save the file as UTF-8, as JSON requires."
+                ) from None
+            if not text.strip():
                 continue
-            if count == 0 and text.startswith("["):
+            if count == 0 and text.lstrip().startswith("["):
                 raise ScrollsDataError(
                     f"{source.label}, line {line_number}: this looks like a JSON array, but SCROLLS files are "
                     f"JSON Lines. Fix: write one JSON object per line."
