@@ -8,12 +8,13 @@ The training and evaluation loops call exactly these:
 
     eval_rows, references = group_references(load_scrolls(task, "validation", files))
     eval_set = tokenize_for_seq2seq(eval_rows, tokenizer, 16384, 1024, task=task)
-    # after generate + accelerator.gather_for_metrics: ids = [eval_set["id"][i] for i in batch["row_idx"]]
+    # after generate + accelerator.gather_for_metrics(row_idx) / gather_for_metrics(texts, use_gather_object=True):
+    predictions = predictions_by_id(all_row_idx, all_texts, eval_set["id"])
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import datasets
@@ -29,6 +30,7 @@ __all__ = [
     "Seq2SeqCollator",
     "TokenBudgetBatchSampler",
     "group_references",
+    "predictions_by_id",
     "sequence_lengths",
     "tokenize_for_seq2seq",
 ]
@@ -219,3 +221,20 @@ class Seq2SeqCollator:
         if "row_idx" in rows[0]:
             batch["row_idx"] = torch.tensor([row["row_idx"] for row in rows], dtype=torch.long)
         return batch
+
+
+def predictions_by_id(row_indices: Iterable[int], texts: Iterable[str], ids: Sequence[str]) -> dict[str, str]:
+    """Map gathered predictions back to ids through `row_idx`, keeping the first prediction of each row.
+
+    With variable-size batches, accelerate cannot tell how many gathered rows are padding: to give every process
+    the same number of batches it repeats early batches at the end of an epoch, and `gather_for_metrics` returns
+    those repeats too. Deduplicating on row_idx removes them.
+    """
+    predictions: dict[str, str] = {}
+    seen: set[int] = set()
+    for row, text in zip(row_indices, texts, strict=True):
+        row = int(row)
+        if row not in seen:
+            seen.add(row)
+            predictions[ids[row]] = text
+    return predictions

@@ -10,7 +10,13 @@ from accelerate.data_loader import BatchSamplerShard, prepare_data_loader
 from scrolls_fixtures import make_tokenizer
 from torch.utils.data import DataLoader
 
-from scrolls_ssm.preprocess import Seq2SeqCollator, TokenBudgetBatchSampler, sequence_lengths, tokenize_for_seq2seq
+from scrolls_ssm.preprocess import (
+    Seq2SeqCollator,
+    TokenBudgetBatchSampler,
+    predictions_by_id,
+    sequence_lengths,
+    tokenize_for_seq2seq,
+)
 
 LONG_WORD = "supercalifragilisticexpialidocious"  # 34 characters, one token
 
@@ -189,3 +195,16 @@ def test_dataloader_end_to_end(tokenizer):
     assert sorted(i for batch in batches for i in batch["row_idx"].tolist()) == [0, 1, 2]
     ids = [tokenized["id"][i] for batch in batches for i in batch["row_idx"].tolist()]
     assert sorted(ids) == ["id0", "id1", "id2"]
+
+
+def test_predictions_by_id_drops_accelerate_repeats():
+    # 7 batches over 2 processes: accelerate repeats batch 0 so both processes run 4 batches.
+    sampler = TokenBudgetBatchSampler([4, 4, 3, 3, 2, 2, 2, 1, 1], max_tokens=4, shuffle=False)
+    shards = [list(BatchSamplerShard(sampler, num_processes=2, process_index=rank)) for rank in range(2)]
+    gathered = [index for step in zip(*shards, strict=True) for batch in step for index in batch]
+    assert list(sampler) == [[0], [1], [2], [3], [4, 5], [6, 7], [8]]
+    assert gathered == [0, 1, 2, 3, 4, 5, 6, 7, 8, 0]  # the repeat of batch 0 comes back from the gather
+    ids = [f"id{i}" for i in range(9)]
+    texts = [f"text {index}" for index in gathered[:9]] + ["repeat"]
+    predictions = predictions_by_id(torch.tensor(gathered), texts, ids)
+    assert predictions == {f"id{i}": f"text {i}" for i in range(9)}  # the first prediction of a row is kept
