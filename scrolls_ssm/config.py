@@ -1,0 +1,246 @@
+"""The run config: one typed tree, resolved as defaults < recipe YAML < `key=value` overrides.
+
+    cfg = load_run_config("recipes/gov_report.yaml", ["model.encoder_layer_types=[s4d,s4d,s4d,s4d,s4d,attention]"])
+
+Unknown keys are errors that name the key and the closest valid one; values are checked against the field's type.
+The resolved config is written (as YAML) beside every checkpoint and output, and `load_run_config` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    # A BART / LED checkpoint (Hub id or path) whose encoder is swapped; None trains from scratch (see `config`).
+    base: str | None = "facebook/bart-base"
+    # A saved scrolls_ssm model directory to start from instead (e.g. to fine-tune further); overrides `base`.
+    init_from: str | None = None
+    # One mixer kind per encoder layer; None keeps every layer `attention` (plain BART, longer positions).
+    encoder_layer_types: list[str] | None = None
+    max_source_positions: int = 16384
+    attention_window: int | None = None
+    # Any other ScrollsSSMConfig field: mixer hyper-parameters, or the whole architecture when `base` is None.
+    config: dict[str, Any] = field(default_factory=dict)
+    # Tokenizer to load (defaults to `base`); with `base` None and no tokenizer, a SentencePiece tokenizer of
+    # `tokenizer_vocab_size` is trained on the training inputs.
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = 2000
+    attn_implementation: str = "sdpa"
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    # SCROLLS task names; several tasks train one model on all of them and evaluate each with its own metric.
+    tasks: list[str] = field(default_factory=lambda: ["gov_report"])
+    # A local folder / zip of SCROLLS files; None reads the official files from the Hub.
+    data_dir: str | None = None
+    # Write the synthetic demo dataset into `data_dir` first (see scrolls_ssm.synthetic).
+    synthetic: dict[str, Any] | None = None
+    # None: the task's default (SCROLLS: 16,384-token inputs; task-specific targets).
+    max_source_length: int | None = None
+    max_target_length: int | None = None
+    max_tokens_per_batch: int = 16384
+    pad_to_multiple_of: int | None = 8
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    eval_split: str = "validation"
+    # Splits to predict at the end ("test" also writes the leaderboard submission).
+    predict_splits: list[str] = field(default_factory=lambda: ["validation", "test"])
+    num_proc: int | None = None
+    cache_dir: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 42
+    num_epochs: int = 1
+    # Stop after this many optimizer steps (None: run all epochs).
+    max_steps: int | None = None
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.001
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-6
+    warmup_ratio: float = 0.1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    # Write a resumable checkpoint every N optimizer steps (and at every epoch end); keep the newest `keep`.
+    checkpoint_every_steps: int | None = None
+    keep_checkpoints: int = 2
+    log_every_steps: int = 10
+    # "latest" or a checkpoint directory: continue that run exactly where it stopped.
+    resume: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    # Generate and score the eval split every N epochs (validation loss is computed every epoch); None: at the end.
+    generate_every_epochs: int | None = None
+    # The metric that picks the best checkpoint: "loss" (validation loss, lower is better) or "score" (the mean
+    # task score of the SCROLLS metric, higher is better; needs generation at each evaluation).
+    best_metric: str = "loss"
+    num_beams: int = 1
+    # None: the task's default.
+    max_new_tokens: int | None = None
+    max_tokens_per_batch: int = 32768
+
+
+@dataclass
+class RunConfig:
+    recipe: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2's scalars: only true/false are booleans (so `mixed_precision: no` stays the string "no") and
+    `1e-4` is a float."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [
+        (tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
+CHOICES = {
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "eval.best_metric": ("loss", "score"),
+    "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
+    "data.eval_split": ("train", "validation", "test"),
+}
+
+
+class RunConfigError(ValueError):
+    """A recipe or override that does not fit the run config; the message names the key, the value and the fix."""
+
+
+def load_run_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the recipe YAML (if any), then `key=value` overrides (values parsed as YAML)."""
+    config = RunConfig()
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise RunConfigError(f"recipe file {str(path)!r} does not exist. Recipes live in recipes/*.yaml.")
+        try:
+            tree = _parse_yaml(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise RunConfigError(f"recipe {str(path)!r} is not valid YAML: {error}") from None
+        if not isinstance(tree, dict):
+            raise RunConfigError(f"recipe {str(path)!r} must be a mapping of sections, not {type(tree).__name__}.")
+        _merge(config, tree, prefix="", source=str(path))
+    for override in overrides or []:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise RunConfigError(
+                f"override {override!r} is not of the form key=value (e.g. train.learning_rate=1e-4)."
+            )
+        value = _parse_yaml(raw) if raw.strip() else None
+        tree: dict[str, Any] = {}
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        _merge(config, tree, prefix="", source=f"override {override!r}")
+    _check(config)
+    return config
+
+
+def _merge(target: Any, tree: dict[str, Any], prefix: str, source: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    hints = typing.get_type_hints(type(target))
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            valid = [f"{prefix}{name}" for name in fields]
+            close = difflib.get_close_matches(dotted, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys here: {', '.join(valid)}."
+            raise RunConfigError(f"unknown config key {dotted!r} in {source}.{hint}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise RunConfigError(f"{dotted!r} in {source} is a section; give it a mapping, not {value!r}.")
+            _merge(current, value, prefix=f"{dotted}.", source=source)
+        else:
+            setattr(target, key, _coerce(value, hints[key], dotted, source))
+
+
+def _coerce(value: Any, annotation: Any, dotted: str, source: str) -> Any:
+    """The value if it fits the annotation (ints are accepted for floats), else a RunConfigError."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return None
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool) and type(value) is origin:
+            return value
+        if origin is list and isinstance(value, list):
+            item = (typing.get_args(option) or (Any,))[0]
+            return [value_ if item is Any else _coerce(value_, item, f"{dotted}[]", source) for value_ in value]
+        if origin is dict and isinstance(value, dict):
+            return value
+        if origin is Any:
+            return value
+    expected = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options)
+    raise RunConfigError(f"{dotted}={value!r} in {source} has the wrong type: expected {expected}.")
+
+
+def _check(config: RunConfig) -> None:
+    for dotted, choices in CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in choices:
+            raise RunConfigError(f"{dotted}={value!r} is not valid; choose one of {list(choices)}.")
+    if config.train.num_epochs < 1 and config.train.max_steps is None:
+        raise RunConfigError(f"train.num_epochs={config.train.num_epochs} must be >= 1 (or set train.max_steps).")
+    if not config.data.tasks:
+        raise RunConfigError("data.tasks is empty; name at least one SCROLLS task, e.g. data.tasks=[gov_report].")
+    if config.model.base is None and config.model.init_from is None and not config.model.config:
+        raise RunConfigError(
+            "model.base is null but model.config is empty: to train from scratch give the architecture in "
+            "model.config (d_model, encoder_layers, ...), or set model.base to a BART checkpoint."
+        )
