@@ -217,7 +217,7 @@ def _tokenize_all(cfg: RunConfig, tokenizer, raw_train, data_dir):
     return datasets.concatenate_datasets(train_parts), eval_sets, predict_sets
 
 
-# --- evaluation during training ---------------------------------------------------------------------------------------
+# --- evaluation during training ---------------------------------------------------------------------------------
 
 
 def _evaluate(cfg, accelerator, model, tokenizer, collator, eval_sets, state: RunState, out: Path) -> None:
@@ -278,7 +278,7 @@ def _predict_and_score(cfg, accelerator, model, tokenizer, collator, eval_sets, 
     return results
 
 
-# --- checkpoints ------------------------------------------------------------------------------------------------------
+# --- checkpoints ----------------------------------------------------------------------------------------------------
 
 
 def save_checkpoint(accelerator: Accelerator, out: Path, state: RunState, cfg: RunConfig) -> Path:
