@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import yaml
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from scrolls_ssm.data import TASKS
 
@@ -290,8 +290,16 @@ def _eval_results(metrics: dict[str, dict[str, dict[str, Any]]]) -> list[EvalRes
     return results
 
 
-def _run_facts(info: _ModelDir) -> tuple[list[str], int, str | None]:
-    """The run's tasks, the input length it trained on, and its base checkpoint, from whatever was recorded."""
+class _RunFacts(NamedTuple):
+    tasks: list[str]
+    max_length: int  # the input length the model was trained on, capped by what its encoder accepts
+    base: str | None  # model.base as recorded: a Hub id or a local path
+    base_hub_id: str | None  # `base` when it names a Hub model, for the `base_model` metadata (a path would not)
+    synthetic: bool  # trained and scored on scrolls_ssm.synthetic's demo data, not on SCROLLS
+
+
+def _run_facts(info: _ModelDir) -> _RunFacts:
+    """What the card says about the run, from whatever was recorded."""
     tasks = _get(info.run_config, "data.tasks") or list(info.metrics or {})
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     unknown = [task for task in tasks if task not in _TASK_CARDS]
@@ -300,25 +308,31 @@ def _run_facts(info: _ModelDir) -> tuple[list[str], int, str | None]:
             f"{info.path / 'run_config.yaml'}: data.tasks has unknown SCROLLS tasks {unknown}; "
             f"valid tasks: {', '.join(_TASK_CARDS)}"
         )
-    # The length the model was trained on, capped by what its encoder accepts.
     positions = int(info.config.get("max_source_positions", 1024))
     max_length = min(int(_get(info.run_config, "data.max_source_length") or positions), positions)
-    return tasks, max_length, _get(info.run_config, "model.base")
+    base = _get(info.run_config, "model.base")
+    try:
+        validate_repo_id(base)
+        hub_id = None if base.startswith((".", "~")) or Path(base).exists() else base
+    except (HFValidationError, AttributeError):
+        hub_id = None
+    return _RunFacts(tasks, max_length, base, hub_id, bool(_get(info.run_config, "data.synthetic")))
 
 
 def _card_data(info: _ModelDir, repo_id: str, license: str | None) -> ModelCardData:
-    tasks, _, base = _run_facts(info)
-    summarization_only = bool(tasks) and all(_TASK_CARDS[task].task_type == "summarization" for task in tasks)
+    facts = _run_facts(info)
+    summarization_only = bool(facts.tasks) and all(_TASK_CARDS[t].task_type == "summarization" for t in facts.tasks)
     kinds = list(dict.fromkeys(_encoder_layer_types(info.config)))
     return ModelCardData(
         library_name="transformers",
         pipeline_tag="summarization" if summarization_only else "text2text-generation",
         tags=["scrolls", "long-context", "state-space-model", *kinds],
-        datasets=["tau/scrolls"],
-        base_model=base,
+        datasets=None if facts.synthetic else ["tau/scrolls"],
+        base_model=facts.base_hub_id,
         license=license,
         model_name=repo_id.split("/")[-1],
-        eval_results=_eval_results(info.metrics) if info.metrics else None,
+        # Scores on the synthetic demo data are not SCROLLS results and must not be indexed as such.
+        eval_results=_eval_results(info.metrics) if info.metrics and not facts.synthetic else None,
     )
 
 
@@ -327,13 +341,14 @@ def _format_value(value: Any) -> str:
 
 
 def _card_body(info: _ModelDir, repo_id: str) -> Iterator[str]:
-    tasks, max_length, base = _run_facts(info)
-    config, run = info.config, info.run_config
+    facts = _run_facts(info)
+    tasks, config, run = facts.tasks, info.config, info.run_config
     layer_types = _encoder_layer_types(config)
     window = config.get("attention_window")
+    data = "synthetic demo data in the SCROLLS format, not on SCROLLS itself," if facts.synthetic else "SCROLLS"
     yield f"{CARD_MARKER}\n\n# {repo_id.split('/')[-1]}\n"
     yield (
-        f"An encoder-decoder for long documents, fine-tuned on SCROLLS ({', '.join(tasks) or 'tasks not recorded'})."
+        f"An encoder-decoder for long documents, fine-tuned on {data} ({', '.join(tasks) or 'tasks not recorded'})."
         " It keeps a BART-family model's embeddings, decoder and feed-forward layers and replaces the encoder's token"
         f" mixers, layer by layer, with long-sequence mixers: **{compact_layout(layer_types)}**. The encoder accepts"
         f" up to {config.get('max_source_positions')} tokens. {info.num_parameters / 1e6:.1f}M parameters. Built with "
@@ -354,8 +369,15 @@ def _card_body(info: _ModelDir, repo_id: str) -> Iterator[str]:
             "hyper-parameters of this model are not recorded here.\n"
         )
     else:
-        base_line = f"[{base}](https://huggingface.co/{base})" if base else "none recorded (trained from scratch)"
-        facts = {
+        base = facts.base_hub_id
+        base_line = (
+            f"[{base}](https://huggingface.co/{base})"
+            if base
+            else f"`{facts.base}`"
+            if facts.base
+            else ("none (trained from scratch)")
+        )
+        recorded = {
             "Base checkpoint": base_line,
             "Recipe": _get(run, "recipe"),
             "Tasks": ", ".join(tasks),
@@ -364,7 +386,7 @@ def _card_body(info: _ModelDir, repo_id: str) -> Iterator[str]:
             "Epochs": _get(run, "train.num_epochs"),
             "Mixed precision": _get(run, "train.mixed_precision"),
         }
-        yield "".join(f"- {name}: {_format_value(value)}\n" for name, value in facts.items())
+        yield "".join(f"- {name}: {_format_value(value)}\n" for name, value in recorded.items())
         yield "The full resolved configuration is in `run_config.yaml` in this repository.\n"
     yield "## Results\n"
     if not info.metrics:
@@ -381,11 +403,15 @@ def _card_body(info: _ModelDir, repo_id: str) -> Iterator[str]:
                 )
                 score = f"{_format_value(values.get(score_key))} ({_METRICS[score_key][1]})"
                 rows.append(f"| {task} | {split} | {score} | {shown} | {_format_value(values.get('num_predicted'))} |")
-        yield "\n".join(rows) + "\n\nScores follow the official SCROLLS metric (x 100); `metrics.json` has them all.\n"
-    yield from _usage(info, repo_id, tasks, max_length, base)
+        note = " These are scores on synthetic demo data, not SCROLLS results." if facts.synthetic else ""
+        yield (
+            "\n".join(rows) + f"\n\nScores follow the official SCROLLS metric (x 100).{note} `metrics.json` has all.\n"
+        )
+    yield from _usage(info, repo_id, facts)
 
 
-def _usage(info: _ModelDir, repo_id: str, tasks: list[str], max_length: int, base: str | None) -> Iterator[str]:
+def _usage(info: _ModelDir, repo_id: str, facts: _RunFacts) -> Iterator[str]:
+    tasks, max_length, base = facts.tasks, facts.max_length, facts.base_hub_id
     has_tokenizer = any(file.name in _TOKENIZER_NAMES or file.suffix == ".model" for file in info.files)
     tokenizer_source = "repo_id" if has_tokenizer or not base else repr(base)
     max_new_tokens = max((TASKS[task].max_new_tokens for task in tasks), default=1024)

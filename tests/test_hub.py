@@ -279,6 +279,19 @@ def test_summarization_runs_get_the_summarization_pipeline_tag(model):
     assert build_model_card(directory, REPO_ID).data.pipeline_tag == "summarization"
 
 
+def test_synthetic_demo_runs_are_not_indexed_as_scrolls(model, tmp_path):
+    directory, _ = model
+    local_base = tmp_path / "my-bart"
+    local_base.mkdir()
+    run = {**RUN_CONFIG, "model": {"base": str(local_base)}, "data": {**RUN_CONFIG["data"], "synthetic": {"n": 8}}}
+    (directory / "run_config.yaml").write_text(yaml.safe_dump(run))
+    card = build_model_card(directory, REPO_ID)
+    meta = card.data.to_dict()
+    assert "model-index" not in meta and "datasets" not in meta
+    assert "base_model" not in meta  # a local path is no Hub id
+    assert "synthetic demo data" in card.text and f"`{local_base}`" in card.text
+
+
 @pytest.mark.parametrize(
     ("layer_types", "expected"),
     [
