@@ -413,6 +413,7 @@ def test_upload_folder_loads_back_with_the_same_logits(model, tmp_path, tokenize
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers: ~10 s
 def test_upload_folder_loads_with_remote_code_only(model, tmp_path):
     """What Hub users get: the folder loads in a process where scrolls_ssm cannot be imported."""
     directory, net = model
