@@ -1,0 +1,442 @@
+"""A small synthetic long-document dataset in the SCROLLS format, its tokenizer and its naive baselines.
+
+`make demo` must run end to end offline on a laptop CPU, so it cannot use the real SCROLLS files. This module writes
+three tasks under the SCROLLS config names, so the task table (metric, query-first inputs, target lengths) and the
+official scorer apply unchanged:
+
+* `gov_report` (ROUGE): a multi-section report; its summary names the agency stated in the first section, the topic
+  from the title, and the finding stated in the last section, thousands of tokens later.
+* `qasper` (F1): "What is the code name of the <entity> project?" + "\\n\\n" + a document in which that project's
+  code name is planted once, among other projects' code names (distractors), far from the question.
+* `contract_nli` (exact match): a hypothesis "The Receiving Party may <action>." + "\\n\\n" + a contract holding
+  a few permission / prohibition clauses; the label (Entailment / Contradiction / Not mentioned) is decided by the
+  clause on the hypothesis' action, or by its absence.
+
+Every answer is planted past the first quarter of its document and competes with distractors of the same form, so a
+model must read far and match the query against the right fact; everything else is filler drawn from a modest
+vocabulary, so a SentencePiece vocabulary of ~1K pieces covers it word for word. Generation is deterministic for a
+given seed. See docs/demo.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from scrolls_ssm.data import SPLITS, get_task
+from scrolls_ssm.metrics import compute_scrolls_metrics
+
+SYNTHETIC_TASKS = ("gov_report", "qasper", "contract_nli")
+NLI_LABELS = ("Entailment", "Contradiction", "Not mentioned")
+
+# --- vocabulary -----------------------------------------------------------------------------------------------------
+# Filler words never include a planted answer word, so answers occur only where they are planted.
+_NOUNS = (
+    "budget committee office network program survey region county station record staff council schedule review "
+    "account contractor facility district supplier inspection vehicle building system process method standard "
+    "project team member manager officer resident citizen worker unit service plan policy rule measure "
+    "report study agency market price cost fund grant loan payment field road bridge river harbor school clinic"
+).split()
+_ADJECTIVES = (
+    "annual regional local federal public private formal general careful detailed modest large small recent "
+    "early late current former internal external overall minor major basic initial final joint separate"
+).split()
+_VERBS = (
+    "reviewed updated approved examined recorded described measured compared collected reported managed "
+    "planned checked supported delayed funded adjusted assessed noted listed tracked organized prepared"
+).split()
+_ADVERBS = "quickly slowly carefully regularly partly largely mostly rarely often usually clearly gradually".split()
+_PREPOSITIONS = "for within across near under over after before during beside through along".split()
+_OPENERS = (
+    "In addition,",
+    "At the same time,",
+    "For this reason,",
+    "In practice,",
+    "Over the period,",
+    "By contrast,",
+    "As a result,",
+    "In most cases,",
+    "According to staff,",
+    "During the year,",
+)
+
+# gov_report slots: a summary is "The <agency> report on <topic> finds that <subject> <change>."
+_AGENCIES = (
+    "Office of Rural Water",
+    "Bureau of Coastal Roads",
+    "Department of Forest Care",
+    "Agency for Public Housing",
+    "Office of Child Safety",
+    "Bureau of Farm Credit",
+    "Department of Port Security",
+    "Office of Veteran Affairs",
+    "Agency for Clean Energy",
+    "Bureau of Mine Safety",
+    "Department of Air Travel",
+    "Office of Food Quality",
+)
+_TOPICS = (
+    "bridge maintenance",
+    "school lunches",
+    "flood insurance",
+    "rail freight",
+    "drinking water",
+    "wildfire response",
+    "prison healthcare",
+    "broadband access",
+    "tax refunds",
+    "postal delivery",
+    "disaster loans",
+    "nurse training",
+)
+_SUBJECTS = (
+    "repair costs",
+    "waiting times",
+    "staff turnover",
+    "fraud cases",
+    "user complaints",
+    "energy use",
+    "processing delays",
+    "safety incidents",
+    "program enrollment",
+    "contract spending",
+)
+_CHANGES = (
+    "rose sharply",
+    "fell slightly",
+    "stayed flat",
+    "doubled",
+    "declined steadily",
+    "increased modestly",
+    "dropped by half",
+    "varied widely",
+)
+
+# qasper slots: "What is the code name of the <entity> project?" -> "<code name>"
+_ENTITIES = (
+    "Amber Atlas Beacon Cedar Cobalt Coral Crescent Delta Ember Falcon Garnet Glacier Granite Hazel Indigo Iris "
+    "Jasper Juniper Lagoon Lotus Maple Meadow Nimbus Onyx Opal Orbit Pebble Prairie Quartz Raven Sable Sierra "
+    "Solstice Summit Tundra Velvet Willow Zephyr"
+).split()
+_CODE_NAMES = (
+    "Albatross Badger Bison Condor Coyote Dingo Ferret Gazelle Heron Ibex Jackal Kestrel Lynx Marmot Mongoose "
+    "Narwhal Ocelot Osprey Panther Pelican Puffin Raccoon Salmon Starling Tapir Toucan Vulture Walrus Wombat Yak"
+).split()
+
+# contract_nli slots: "The Receiving Party may <action>." / "The Receiving Party shall not <action>."
+_ACTIONS = (
+    "disclose confidential information to affiliates",
+    "retain copies after termination",
+    "assign this agreement to a successor",
+    "use the information for internal research",
+    "hire employees of the disclosing party",
+    "reverse engineer the supplied samples",
+    "share the terms with its advisors",
+    "store the data outside the country",
+    "issue public announcements about the deal",
+    "grant sublicenses to third parties",
+    "subcontract the services to vendors",
+    "combine the information with public data",
+)
+_PARTY = "The Receiving Party"
+
+
+# --- filler ---------------------------------------------------------------------------------------------------------
+
+
+def _filler_sentence(rng: random.Random) -> str:
+    """One plain sentence from a few templates; the variety keeps a model from memorising positions of filler."""
+    noun, noun2, noun3 = rng.sample(_NOUNS, 3)
+    adjective, adjective2 = rng.sample(_ADJECTIVES, 2)
+    verb, adverb, preposition = rng.choice(_VERBS), rng.choice(_ADVERBS), rng.choice(_PREPOSITIONS)
+    template = rng.randrange(5)
+    if template == 0:
+        sentence = f"the {adjective} {noun} {verb} the {noun2} {preposition} the {adjective2} {noun3}."
+    elif template == 1:
+        sentence = f"each {noun} was {adverb} {verb} by the {adjective} {noun2}."
+    elif template == 2:
+        sentence = f"the {noun} and the {noun2} {verb} {rng.randint(2, 99)} {noun3} records {preposition} the year."
+    elif template == 3:
+        sentence = f"a {adjective} {noun} {adverb} {verb} the {noun2} of the {noun3}."
+    else:
+        sentence = f"staff {verb} whether the {noun} {preposition} the {noun2} was {adjective}."
+    if rng.random() < 0.3:
+        return f"{rng.choice(_OPENERS)} {sentence}"
+    return sentence[0].upper() + sentence[1:]
+
+
+def _filler(rng: random.Random, words: int) -> list[str]:
+    """Filler sentences totalling about `words` words."""
+    sentences: list[str] = []
+    count = 0
+    while count < words:
+        sentences.append(_filler_sentence(rng))
+        count += len(sentences[-1].split())
+    return sentences
+
+
+def _plant(rng: random.Random, sentences: list[str], facts: Sequence[str], start_fraction: float) -> None:
+    """Insert each fact at its own random sentence boundary at or after `start_fraction` of the document."""
+    for fact in facts:
+        first = int(len(sentences) * start_fraction)
+        sentences.insert(rng.randint(first, len(sentences)), fact)
+
+
+def _paragraphs(sentences: Sequence[str], rng: random.Random) -> str:
+    """Join sentences into paragraphs of 4-8 sentences, one paragraph per line."""
+    lines, start = [], 0
+    while start < len(sentences):
+        size = rng.randint(4, 8)
+        lines.append(" ".join(sentences[start : start + size]))
+        start += size
+    return "\n".join(lines)
+
+
+# --- the three tasks ------------------------------------------------------------------------------------------------
+
+
+def _gov_report_example(rng: random.Random, doc_words: int, num_distractors: int) -> tuple[str, str]:
+    """A report of several sections; agency in section 1, finding in the last, distractor findings in between."""
+    agency, *other_agencies = rng.sample(_AGENCIES, 1 + num_distractors)
+    topic = rng.choice(_TOPICS)
+    finding = f"{rng.choice(_SUBJECTS)} {rng.choice(_CHANGES)}"
+    num_sections = 5
+    section_words = doc_words // num_sections
+    sections = [_filler(rng, section_words) for _ in range(num_sections)]
+    _plant(rng, sections[0], [f"This report was prepared by the {agency}."], 0.0)
+    middle = [
+        f"An earlier review by the {other} had found that {rng.choice(_SUBJECTS)} {rng.choice(_CHANGES)}."
+        for other in other_agencies
+    ]
+    for fact in middle:
+        _plant(rng, sections[rng.randint(1, num_sections - 2)], [fact], 0.0)
+    _plant(rng, sections[-1], [f"In conclusion, the review finds that {finding}."], 0.3)
+    body = "\n".join(f"Section {index + 1}.\n{_paragraphs(section, rng)}" for index, section in enumerate(sections))
+    title = f"A review of {topic}."
+    return f"{title}\n{body}", f"The {agency} report on {topic} finds that {finding}."
+
+
+def _qasper_example(rng: random.Random, doc_words: int, num_distractors: int) -> tuple[str, str]:
+    """One project's code name planted among `num_distractors` other projects' code names."""
+    entities = rng.sample(_ENTITIES, 1 + num_distractors)
+    code_names = rng.sample(_CODE_NAMES, 1 + num_distractors)
+    facts = [
+        f"The {entity} project carries the code name {code}."
+        for entity, code in zip(entities, code_names, strict=True)
+    ]
+    sentences = _filler(rng, doc_words)
+    _plant(rng, sentences, facts, 0.25)
+    question = f"What is the code name of the {entities[0]} project?"
+    return f"{question}\n\n{_paragraphs(sentences, rng)}", code_names[0]
+
+
+def _contract_nli_example(rng: random.Random, doc_words: int, num_distractors: int, label: str) -> tuple[str, str]:
+    """A contract with 1 + `num_distractors` clauses on distinct actions; `label` decides whether one of them is on
+    the hypothesis' action and with which modal. The clause count is the same for every label, so it leaks nothing."""
+    hypothesis_action, unrelated_action, *other_actions = rng.sample(_ACTIONS, 2 + num_distractors)
+    key_action = unrelated_action if label == "Not mentioned" else hypothesis_action
+    key_modal = {"Entailment": "may", "Contradiction": "shall not"}.get(label, rng.choice(("may", "shall not")))
+    clauses = [f"{_PARTY} {key_modal} {key_action}."]
+    clauses += [f"{_PARTY} {rng.choice(('may', 'shall not'))} {action}." for action in other_actions]
+    sentences = _filler(rng, doc_words)
+    _plant(rng, sentences, clauses, 0.25)
+    body = _paragraphs(sentences, rng)
+    numbered = "\n".join(f"{index + 1}. {line}" for index, line in enumerate(body.split("\n")))
+    hypothesis = f"{_PARTY} may {hypothesis_action}."
+    return f"{hypothesis}\n\nNON-DISCLOSURE AGREEMENT\n{numbered}", label
+
+
+def _rows(task: str, split: str, count: int, doc_words: int, num_distractors: int, seed: int) -> Iterator[dict]:
+    """The rows of one split. Every row has its own generator, so a row never depends on how many rows are written
+    (more training rows extend a split, other splits stay the same). contract_nli labels come in shuffled blocks of
+    all three, so any prefix of a split is balanced to within one."""
+    for index in range(count):
+        rng = random.Random(f"{seed}/{task}/{split}/{index}")
+        length = rng.randint(doc_words * 4 // 5, doc_words * 6 // 5)  # lengths vary, as real documents do
+        if task == "gov_report":
+            text, output = _gov_report_example(rng, length, num_distractors)
+        elif task == "qasper":
+            text, output = _qasper_example(rng, length, num_distractors)
+        else:
+            block = list(NLI_LABELS)
+            random.Random(f"{seed}/{task}/{split}/labels/{index // len(block)}").shuffle(block)
+            text, output = _contract_nli_example(rng, length, num_distractors, block[index % len(block)])
+        id_ = f"{task}-{split}-{index:05d}"
+        yield {"id": id_, "pid": f"{id_}_0", "input": text, "output": None if split == "test" else output}
+
+
+def write_synthetic_scrolls(
+    out_dir: str | os.PathLike[str],
+    num_train: int = 2000,
+    num_validation: int = 100,
+    num_test: int = 100,
+    doc_words: int = 1500,
+    num_distractors: int = 2,
+    tasks: Sequence[str] = SYNTHETIC_TASKS,
+    seed: int = 0,
+) -> Path:
+    """Write `<out_dir>/<task>/{train,validation,test}.jsonl` in the SCROLLS format and return `out_dir`.
+
+    doc_words: mean document length in words (each document draws from 0.8x-1.2x of it); with the demo
+    tokenizer a word is ~1.15 tokens. num_distractors: facts of the same form as the answer's (other projects'
+    code names, other agencies' findings, clauses on other actions), which a model must tell apart from the
+    queried one. Test rows have `output: null`, as in SCROLLS.
+    """
+    unknown = [task for task in tasks if task not in SYNTHETIC_TASKS]
+    if unknown:
+        raise ValueError(f"no synthetic version of task(s) {unknown}; synthetic tasks: {', '.join(SYNTHETIC_TASKS)}.")
+    if doc_words < 100:
+        raise ValueError(f"doc_words={doc_words} is too short to hide facts in; use at least 100.")
+    limits = {"gov_report": len(_AGENCIES) - 1, "qasper": len(_CODE_NAMES) - 1, "contract_nli": len(_ACTIONS) - 2}
+    if not 0 <= num_distractors <= min(limits[task] for task in tasks):
+        raise ValueError(
+            f"num_distractors={num_distractors} must be between 0 and {min(limits[task] for task in tasks)} "
+            f"for tasks {list(tasks)} (each distractor needs its own agency, code name or action)."
+        )
+    out = Path(out_dir)
+    sizes = dict(zip(SPLITS, (num_train, num_validation, num_test), strict=True))
+    for task in tasks:
+        (out / task).mkdir(parents=True, exist_ok=True)
+        for split, count in sizes.items():
+            path = out / task / f"{split}.jsonl"
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            with open(tmp, "w", encoding="utf-8") as handle:
+                for row in _rows(task, split, count, doc_words, num_distractors, seed):
+                    handle.write(json.dumps(row) + "\n")
+            os.replace(tmp, path)  # a reader never sees a half-written split
+    return out
+
+
+# --- tokenizer ------------------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def _training_lines(texts: Iterable[str], max_chars: int = 2000) -> Iterator[str]:
+    """Texts as lines no longer than `max_chars`: SentencePiece skips any "sentence" over its length limit, and
+    SCROLLS inputs are whole documents."""
+    for text in texts:
+        for line in text.split("\n"):
+            while len(line) > max_chars:
+                cut = line.rfind(" ", 0, max_chars)
+                cut = cut if cut > 0 else max_chars
+                yield line[:cut]
+                line = line[cut:].lstrip()
+            if line.strip():
+                yield line
+
+
+def _bpe_merges(vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """The merge list of a SentencePiece BPE model: SentencePiece stores only pieces in merge order, and every way
+    of splitting a piece into two pieces is a merge ranked by the merged piece's id."""
+    merges = [
+        (vocab[piece], vocab[piece[:cut]], vocab[piece[cut:]], piece[:cut], piece[cut:])
+        for piece in vocab
+        for cut in range(1, len(piece))
+        if piece[:cut] in vocab and piece[cut:] in vocab
+    ]
+    return [(left, right) for *_, left, right in sorted(merges)]
+
+
+def train_sentencepiece_tokenizer(
+    texts: Iterable[str], out_dir: str | os.PathLike[str], vocab_size: int = 1000, max_lines: int = 200_000
+) -> PreTrainedTokenizerBase:
+    """Train a SentencePiece BPE model in-process and return it as a `transformers` fast tokenizer.
+
+    The ids are BART's (<s>=0, <pad>=1, </s>=2, <unk>=3) and an encoded text is `<s> ... </s>`, as BART's is, so
+    the model config's special ids and `decoder_start_token_id=</s>` mean the same as for a BART checkpoint. The
+    SentencePiece model is converted to a `tokenizers` BPE model with the same pieces and merges (newlines are kept as
+    pieces of their own), so `save_pretrained` writes a plain tokenizer.json that
+    `AutoTokenizer.from_pretrained` reads offline without sentencepiece. `out_dir` receives `spm.model`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        with open(corpus, "w", encoding="utf-8") as handle:
+            for count, line in enumerate(_training_lines(texts)):
+                if count >= max_lines:
+                    break
+                handle.write(line + "\n")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus),
+            model_prefix=str(out / "spm"),
+            model_type="bpe",
+            vocab_size=vocab_size,
+            bos_id=0,
+            pad_id=1,
+            eos_id=2,
+            unk_id=3,
+            bos_piece=SPECIAL_TOKENS["bos_token"],
+            pad_piece=SPECIAL_TOKENS["pad_token"],
+            eos_piece=SPECIAL_TOKENS["eos_token"],
+            unk_piece=SPECIAL_TOKENS["unk_token"],
+            user_defined_symbols=["\n"],
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            character_coverage=1.0,
+            # Small corpora cannot always fill the requested vocabulary; a smaller one is fine.
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+    processor = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    vocab = {processor.id_to_piece(index): index for index in range(processor.get_piece_size())}
+    backend = Tokenizer(models.BPE(vocab, _bpe_merges(vocab), unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.Split("▁", behavior="merged_with_next")]
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+
+
+# --- naive baselines ------------------------------------------------------------------------------------------------
+
+
+def best_constant_prediction(task: str, outputs: Sequence[str], max_candidates: int = 50, max_refs: int = 300) -> str:
+    """The one training output that, predicted for every example, scores best on the training outputs.
+
+    Candidates are the `max_candidates` most frequent distinct outputs, each scored with the task's official metric
+    against a fixed sample of `max_refs` training outputs. For exact match and single-word F1 answers this is the
+    most frequent answer; for summaries it is the "medoid" summary, which shares the most template words and slot
+    values with the others: a stronger baseline than the most frequent summary, which is a random one when almost
+    every summary is unique.
+    """
+    if not outputs:
+        raise ValueError("best_constant_prediction needs at least one training output.")
+    candidates = [text for text, _ in Counter(outputs).most_common(max_candidates)]
+    references = random.Random(0).sample(list(outputs), min(max_refs, len(outputs)))
+    refs = {str(index): [text] for index, text in enumerate(references)}
+
+    def train_score(candidate: str) -> float:
+        metrics = compute_scrolls_metrics(task, dict.fromkeys(refs, candidate), refs)
+        return float(metrics["scrolls_score"] or 0.0)
+
+    return max(candidates, key=train_score)  # max keeps the first (most frequent) candidate among ties
+
+
+def naive_baseline(
+    task: str, train_rows: Iterable[Mapping[str, Any]], references: Mapping[str, Sequence[str]]
+) -> dict[str, float | int | None]:
+    """Official metrics of predicting `best_constant_prediction` (fit on `train_rows`' outputs) for every id.
+
+    `train_rows` is a SCROLLS training Dataset or any iterable of rows with an `output` field; `references` maps each
+    evaluated id to its reference outputs, as `data.group_references` returns them.
+    """
+    get_task(task)
+    outputs = [row["output"] for row in train_rows if row["output"] is not None]
+    constant = best_constant_prediction(task, outputs)
+    return compute_scrolls_metrics(task, dict.fromkeys(references, constant), references)
