@@ -6,6 +6,10 @@ field and fix) into a one-line message and exit status 1 instead of a traceback.
 
     scrolls-ssm score --task qasper --predictions preds/qasper.json --references data/qasper.zip
     scrolls-ssm submit --predictions-dir preds --output submission.csv --references-dir data
+    scrolls-ssm train --recipe recipes/qasper.yaml model.encoder_layer_types=[s4d,s4d,s4d,s4d,s4d,attention]
+    scrolls-ssm evaluate --model runs/qasper/model --recipe recipes/qasper.yaml
+    scrolls-ssm predict --model runs/qasper/model --recipe recipes/qasper.yaml --split test
+    scrolls-ssm push --model-dir runs/qasper/model --repo-id me/bart-base-s4d-qasper
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from scrolls_ssm.data import SCORED_TASKS, SPLITS, TASKS, group_references, load_scrolls
 from scrolls_ssm.metrics import compute_scrolls_metrics
@@ -59,6 +64,49 @@ def _run_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    from scrolls_ssm.config import load_run_config
+    from scrolls_ssm.train import train
+
+    train(load_run_config(args.recipe, args.overrides))
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate (or, for `predict`, only predict) a trained model: the training loop with zero steps."""
+    from scrolls_ssm.config import load_run_config
+    from scrolls_ssm.train import train
+
+    split = args.split
+    fixed = [
+        f"model.init_from={args.model}",
+        "train.max_steps=0",
+        f"data.eval_split={split}",
+        f"data.predict_splits=[{split}]",
+        f"train.output_dir={args.output_dir or Path(args.model).parent / f'{args.command}-{split}'}",
+    ]
+    results = train(load_run_config(args.recipe, [*fixed, *args.overrides]))
+    for task, splits in results.items():
+        if split in splits:
+            print(format_metrics(task, split, splits[split]))
+    return 0
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from scrolls_ssm.hub import run_push
+
+    return run_push(args)
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, recipe_required: bool) -> None:
+    parser.add_argument(
+        "--recipe", required=recipe_required, default=None, help="a recipe YAML, e.g. recipes/qasper.yaml"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.learning_rate=1e-4"
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scrolls-ssm", description="Long-document seq2seq on SCROLLS.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -95,6 +143,31 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--split", default="test", choices=list(SPLITS), help="split whose ids must be covered")
     submit.set_defaults(func=_run_submit)
+
+    train = commands.add_parser(
+        "train",
+        help="fine-tune and evaluate a recipe (accelerate launch for several processes)",
+        description="Train with Accelerate: defaults < recipe YAML < key=value overrides. See docs/training.md.",
+    )
+    _add_run_arguments(train, recipe_required=False)
+    train.set_defaults(func=_run_train)
+    for name, split, what in (("evaluate", "validation", "score"), ("predict", "test", "predict")):
+        sub = commands.add_parser(
+            name, help=f"{what} a trained model on a split", description=f"{what.capitalize()} a trained model."
+        )
+        sub.add_argument("--model", required=True, help="a trained model folder (e.g. runs/qasper/model)")
+        sub.add_argument("--split", default=split, choices=list(SPLITS))
+        sub.add_argument("--output-dir", default=None, help="where outputs go (default: beside the model)")
+        _add_run_arguments(sub, recipe_required=False)
+        sub.set_defaults(func=_run_evaluate)
+
+    from scrolls_ssm.hub import add_push_arguments
+
+    push = commands.add_parser(
+        "push", help="upload a trained model with its model card to the Hub", description="Push to the Hub."
+    )
+    add_push_arguments(push)
+    push.set_defaults(func=_run_push)
     return parser
 
 

@@ -35,7 +35,8 @@ class EvalSet:
 def _shard_loader(rows: datasets.Dataset, accelerator: Accelerator, collator, max_tokens: int) -> DataLoader:
     shard = rows.select(range(accelerator.process_index, len(rows), accelerator.num_processes))
     sampler = TokenBudgetBatchSampler(sequence_lengths(shard), max_tokens=max_tokens, shuffle=False)
-    return DataLoader(shard, batch_sampler=sampler, collate_fn=collator)
+    # Its own generator: evaluating must not advance the global RNG that training's dropout draws from.
+    return DataLoader(shard, batch_sampler=sampler, collate_fn=collator, generator=torch.Generator())
 
 
 @torch.no_grad()

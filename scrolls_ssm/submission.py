@@ -120,29 +120,33 @@ def build_submission_csv(
     predictions: Mapping[str, Mapping[str, str]] | str | os.PathLike[str],
     output_path: str | os.PathLike[str],
     expected_ids: Mapping[str, Iterable[str]] | None = None,
+    tasks: Iterable[str] = SCORED_TASKS,
 ) -> Path:
-    """Write the leaderboard CSV (Task,ID,Prediction) for the seven scored tasks, atomically.
+    """Write the leaderboard CSV (Task,ID,Prediction), atomically.
 
     predictions: `{task: {id: prediction}}` or a folder of `<task>.json` files.
     expected_ids: `{task: ids of the test split}`; when given, every task is validated against it first.
+    tasks: the tasks the file covers. The leaderboard takes the seven scored tasks (the default); a run on fewer
+        tasks writes the same format for just its own, e.g. to submit once the other tasks' files exist.
     """
+    tasks = list(tasks)
     if not isinstance(predictions, Mapping):
-        predictions = load_predictions_dir(predictions)
-    unknown = sorted(set(predictions) - set(SCORED_TASKS))
-    missing = [task for task in SCORED_TASKS if task not in predictions]
+        predictions = load_predictions_dir(predictions, tasks)
+    unknown = sorted(set(predictions) - set(tasks))
+    missing = [task for task in tasks if task not in predictions]
     if unknown or missing:
         raise ValueError(
-            f"a submission covers exactly the tasks {', '.join(SCORED_TASKS)}; "
-            f"missing: {missing or 'none'}; not part of a submission: {unknown or 'none'}."
+            f"this submission covers exactly the tasks {', '.join(tasks)}; "
+            f"missing: {missing or 'none'}; not part of it: {unknown or 'none'}."
         )
-    for task in SCORED_TASKS:
+    for task in tasks:
         _check_prediction_map(predictions[task], task)
         if expected_ids is not None:
             validate_predictions(task, predictions[task], expected_ids[task])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
-    for task in SCORED_TASKS:
+    for task in tasks:
         for id_, prediction in predictions[task].items():
             writer.writerow((task, id_, prediction))
     return write_text_atomic(Path(output_path), buffer.getvalue())

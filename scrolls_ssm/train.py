@@ -75,13 +75,17 @@ def train(cfg: RunConfig) -> dict:
             out / "tokenizer",
             lambda: (text for rows in raw_train.values() for column in ("input", "output") for text in rows[column]),
         )
-        train_set, eval_sets, predict_sets = _tokenize_all(cfg, tokenizer, raw_train, data_dir)
-    model = build_model(cfg.model, tokenizer)
+        model = build_model(cfg.model, tokenizer)
+        source_limit = model.config.max_source_positions
+        train_set, eval_sets, predict_sets = _tokenize_all(cfg, tokenizer, raw_train, data_dir, source_limit)
     collator = Seq2SeqCollator(tokenizer, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
     sampler = TokenBudgetBatchSampler(
         sequence_lengths(train_set), max_tokens=cfg.data.max_tokens_per_batch, shuffle=True, seed=cfg.train.seed
     )
-    train_loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collator)
+    # A DataLoader draws a base seed whenever an iterator starts; its own generator keeps that draw out of the global
+    # RNG, so a resumed run (which starts an iterator right after restoring the RNG) sees the same dropout masks.
+    loader_rng = torch.Generator().manual_seed(cfg.train.seed)
+    train_loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collator, generator=loader_rng)
     optimizer = build_optimizer(model, cfg)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
 
@@ -190,16 +194,16 @@ def _load(cfg: RunConfig, task: str, split: str, data_dir: str | None) -> datase
     return rows.select(range(min(limit, len(rows)))) if limit is not None else rows
 
 
-def _lengths(cfg: RunConfig, task: str, tokenizer) -> tuple[int, int]:
-    spec = get_task(task)
-    source = min(cfg.data.max_source_length or spec.max_source_length, cfg.model.max_source_positions)
-    return source, cfg.data.max_target_length or spec.max_target_length
-
-
-def _tokenize_all(cfg: RunConfig, tokenizer, raw_train, data_dir):
+def _tokenize_all(cfg: RunConfig, tokenizer, raw_train, data_dir, source_limit: int):
+    """Tokenized training rows of every task (concatenated) and the evaluation / prediction sets per task."""
     train_parts, eval_sets, predict_sets = [], [], []
     for task in cfg.data.tasks:
-        source_len, target_len = _lengths(cfg, task, tokenizer)
+        spec = get_task(task)
+        # Inputs longer than the encoder's learned positions are truncated here, never in the model.
+        source_len = min(cfg.data.max_source_length or spec.max_source_length, source_limit)
+        if cfg.data.pad_to_multiple_of:
+            source_len -= source_len % cfg.data.pad_to_multiple_of  # padding must not push past the limit either
+        target_len = cfg.data.max_target_length or spec.max_target_length
 
         def tokenize(rows, source_len=source_len, target_len=target_len, task=task):
             return tokenize_for_seq2seq(rows, tokenizer, source_len, target_len, task=task, num_proc=cfg.data.num_proc)

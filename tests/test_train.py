@@ -1,0 +1,161 @@
+"""The training loop: outputs, exact resume after kill -9, half-written checkpoints, guards, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSeq2SeqLM
+
+from scrolls_ssm.config import RunConfigError, load_run_config
+from scrolls_ssm.train import train
+from tests.training_fixtures import overrides, write_task_data, write_tiny_bart
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return write_tiny_bart(root / "bart"), write_task_data(root / "data"), root
+
+
+def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "run_finetune.py"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_a_run_writes_every_output(setup):
+    base, data, root = setup
+    out = root / "full"
+    cfg = load_run_config(None, overrides(base, data, out, "eval.generate_every_epochs=1"))
+    results = train(cfg)
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(out / "model")
+    assert model.config.model_type == "scrolls_ssm" and model.config.max_source_positions == 96
+    validation_ids = {f"validation-{i}" for i in range(9)}
+    predictions = json.loads((out / "predictions" / "validation" / "contract_nli.json").read_text())
+    assert set(predictions) == validation_ids
+    assert set(json.loads((out / "predictions" / "test" / "contract_nli.json").read_text())) == {
+        f"test-{i}" for i in range(5)
+    }
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == results and metrics["contract_nli"]["validation"]["num_predicted"] == 9
+    assert json.loads((out / "model" / "metrics.json").read_text()) == metrics
+    assert (out / "submission.csv").read_text().splitlines()[0] == "Task,ID,Prediction"
+    assert (out / "training_curves.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "| contract_nli | exact_match |" in report and "naive baseline" in report
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train_losses = [r["train/loss"] for r in log if "train/loss" in r]
+    assert len(train_losses) >= 4 and all(map(lambda x: x == x, train_losses))
+    evaluations = [r for r in log if "eval/loss" in r]
+    assert len(evaluations) == 2 and evaluations[1]["eval/loss"] < evaluations[0]["eval/loss"]
+    assert (out / "run_config.yaml").read_text() == (out / "model" / "run_config.yaml").read_text()
+
+
+def test_exact_resume_after_kill_9_matches_an_uninterrupted_run(setup):
+    base, data, root = setup
+    common = ["train.checkpoint_every_steps=2", "train.keep_checkpoints=50", "data.predict_splits=[validation]"]
+    reference = root / "uninterrupted"
+    train(load_run_config(None, overrides(base, data, reference, *common)))
+    final_step = max(p.name for p in (reference / "checkpoints").iterdir())
+
+    interrupted = root / "interrupted"
+    process = _run_cli([*overrides(base, data, interrupted, *common)], start_new_session=True)
+    deadline = time.time() + 240
+    while not (interrupted / "checkpoints" / "step_00000004").exists() and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # kill -9, wherever it is (possibly in the middle of a save)
+    process.wait()
+    assert not (interrupted / "checkpoints" / final_step).exists(), "the run finished before it was killed"
+
+    resumed = _run_cli([*overrides(base, data, interrupted, *common, "train.resume=latest")])
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output[-3000:]
+    assert "Resumed from" in output
+    expected = load_file(reference / "checkpoints" / final_step / "model.safetensors")
+    actual = load_file(interrupted / "checkpoints" / final_step / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_ignores_half_written_checkpoints_and_refuses_another_model(setup, tmp_path):
+    base, data, root = setup
+    out = tmp_path / "run"
+    train(load_run_config(None, overrides(base, data, out, "train.max_steps=2", "data.predict_splits=[validation]")))
+    checkpoints = out / "checkpoints"
+    (checkpoints / ".tmp-step_00000009").mkdir()  # a save that was killed
+    (checkpoints / "step_00000007").mkdir()  # a folder without run_state.json
+    from scrolls_ssm.train import _find_checkpoint
+
+    assert _find_checkpoint(out, "latest").name == "step_00000002"
+    with pytest.raises(RunConfigError, match=r"model.encoder_layer_types.*differ"):
+        train(
+            load_run_config(
+                None,
+                overrides(base, data, out, "train.resume=latest", "model.encoder_layer_types=[attention,s4d]"),
+            )
+        )
+    with pytest.raises(RunConfigError, match="not a complete checkpoint"):
+        train(load_run_config(None, overrides(base, data, out, f"train.resume={checkpoints / 'step_00000007'}")))
+
+
+def test_non_finite_loss_skips_the_step_and_counts_it(setup, tmp_path, monkeypatch):
+    from scrolls_ssm.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
+
+    base, data, _ = setup
+    original = ScrollsSSMForConditionalGeneration.forward
+    calls = {"train": 0}
+
+    def forward(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] == 2:
+                output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(ScrollsSSMForConditionalGeneration, "forward", forward)
+    out = tmp_path / "nan"
+    train(load_run_config(None, overrides(base, data, out, "train.max_steps=4", "data.predict_splits=[validation]")))
+    state = json.loads(max((out / "checkpoints").iterdir()).joinpath("run_state.json").read_text())
+    assert state["skipped_nonfinite"] == 1 and state["global_step"] == 4
+    weights = load_file(out / "model" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_two_processes_train_and_gather_every_id_once(setup, tmp_path):
+    base, data, _ = setup
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / "run_finetune.py"),
+        *overrides(base, data, out, "train.num_epochs=1", "eval.generate_every_epochs=1"),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    predictions = json.loads((out / "predictions" / "validation" / "contract_nli.json").read_text())
+    assert sorted(predictions) == sorted(f"validation-{i}" for i in range(9))  # 9 rows over 2 processes: uneven
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["contract_nli"]["validation"]["num_predicted"] == 9
+    assert AutoModelForSeq2SeqLM.from_pretrained(out / "model") is not None

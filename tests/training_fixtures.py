@@ -1,0 +1,69 @@
+"""A tiny, fast training setup: a random-init BART checkpoint with its tokenizer, and SCROLLS-format task data where
+the answer is the first word of the document (so a few steps of training visibly help)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from transformers import BartConfig, BartForConditionalGeneration
+
+from tests.conftest import TINY, train_tokenizer
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron".split()
+LABELS = ["Entailment", "Contradiction", "Not mentioned"]
+
+
+def scrolls_rows(split: str, n: int, seed: int) -> list[dict]:
+    rng = random.Random(f"{split}-{seed}")
+    rows = []
+    for i in range(n):
+        label = LABELS[i % 3]
+        document = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 50)))
+        rows.append(
+            {
+                "id": f"{split}-{i}",
+                "pid": f"{split}-{i}_0",
+                "input": f"is it so?\n\n{label.lower()} {document}",
+                "output": None if split == "test" else label,
+            }
+        )
+    return rows
+
+
+def write_task_data(root: Path, task: str = "contract_nli", sizes=(("train", 36), ("validation", 9), ("test", 5))):
+    for split, n in sizes:
+        path = root / task / f"{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in scrolls_rows(split, n, seed=0)))
+    return root
+
+
+def write_tiny_bart(root: Path, dropout: float = 0.1) -> Path:
+    texts = [row["input"] + " " + row["output"] for row in scrolls_rows("train", 60, seed=1)]
+    tokenizer = train_tokenizer(texts + LABELS * 5, vocab_size=150)
+    torch.manual_seed(0)
+    config = BartConfig(**{**TINY, "vocab_size": len(tokenizer), "dropout": dropout, "max_position_embeddings": 32})
+    BartForConditionalGeneration(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def overrides(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.base={base}",
+        "model.encoder_layer_types=[attention,attention]",
+        "model.max_source_positions=96",
+        f"data.data_dir={data}",
+        "data.tasks=[contract_nli]",
+        "data.max_tokens_per_batch=300",
+        "data.pad_to_multiple_of=8",
+        f"train.output_dir={out}",
+        "train.num_epochs=2",
+        "train.learning_rate=2e-3",
+        "train.log_every_steps=1",
+        "train.mixed_precision=no",
+        *extra,
+    ]
