@@ -1,0 +1,150 @@
+"""The sequence ops the mixers call, and the one place where optional CUDA kernels are imported.
+
+Every op has a pure-PyTorch path (ops_selective_scan.py, ops_ssd.py, ops_s4d.py) that runs on CPU and GPU and
+gives the same numbers. When `mamba_ssm` / `causal_conv1d` are installed and the tensors are on CUDA, the fused
+kernels serve the call instead; a call they cannot serve (dtype, shape) falls back to PyTorch with one warning per
+kernel. The imports sit in try blocks, which transformers' `trust_remote_code` requirement check skips, so a model
+saved with this file loads where the kernels are missing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging
+
+from .ops_s4d import fft_conv, s4d_kernel
+from .ops_selective_scan import selective_scan as _selective_scan_torch
+from .ops_ssd import ssd_scan
+
+try:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _selective_scan_cuda
+except Exception:  # not installed, or built against another torch / CUDA
+    _selective_scan_cuda = None
+try:
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _chunk_scan_cuda
+except Exception:
+    _chunk_scan_cuda = None
+try:
+    from causal_conv1d import causal_conv1d_fn as _causal_conv1d_cuda
+except Exception:
+    _causal_conv1d_cuda = None
+
+logger = logging.get_logger(__name__)
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_warned: set[str] = set()
+
+__all__ = ["causal_conv1d", "fft_conv", "mamba2_scan", "s4d_kernel", "selective_scan", "ssd_scan"]
+
+
+def _fall_back(kernel: str, reason: str) -> None:
+    """Warns the first time `kernel` cannot serve a call; later refusals stay quiet."""
+    if kernel not in _warned:
+        _warned.add(kernel)
+        logger.warning(f"{kernel} cannot serve this call ({reason}); using the PyTorch path (same results, slower).")
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-1's selective scan, with `mamba_ssm.selective_scan_fn`'s semantics (see ops_selective_scan.py)."""
+    if _selective_scan_cuda is not None and u.is_cuda:
+        reason = _selective_scan_refusal(u, delta, A, B, C, D, z, delta_bias)
+        if reason is None:
+            return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        _fall_back("mamba_ssm selective_scan_fn", reason)
+    return _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _selective_scan_refusal(u, delta, A, B, C, D, z, delta_bias) -> str | None:
+    """Why the CUDA selective scan cannot take these arguments, or None when it can."""
+    if u.dtype not in _KERNEL_DTYPES or delta.dtype != u.dtype or (z is not None and z.dtype != u.dtype):
+        return f"u, delta and z must share one of {_KERNEL_DTYPES}"
+    if A.dtype != torch.float32 or any(t is not None and t.dtype != torch.float32 for t in (D, delta_bias)):
+        return "A, D and delta_bias must be float32"
+    for name, matrix in (("B", B), ("C", C)):
+        if matrix.dtype != (torch.float32 if matrix.dim() == 2 else u.dtype):
+            return f"{name} must be float32 when constant and u's dtype when variable"
+    if A.shape[1] > 256:
+        return "d_state must be <= 256"
+    return None
+
+
+def mamba2_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    initial_states: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2's scan in its parameterization: returns Y (batch, L, heads, head_dim) in x's dtype and the final state.
+
+    x: (batch, L, heads, head_dim). dt: (batch, L, heads), the positive step sizes (bias and softplus applied).
+    A: (heads,), the per-head decay rates (negative). B, C: (batch, L, groups, d_state). This is `ssd_scan` on
+    X = x * dt and A * dt (computed in float32), or `mamba_chunk_scan_combined` on CUDA.
+    """
+    if _chunk_scan_cuda is not None and x.is_cuda:
+        reason = _chunk_scan_refusal(x, dt, A, B, C, chunk_size)
+        if reason is None:
+            return _chunk_scan_cuda(
+                x, dt, A, B, C, chunk_size, initial_states=initial_states, return_final_states=True
+            )
+        _fall_back("mamba_ssm mamba_chunk_scan_combined", reason)
+    if dt.shape != x.shape[:3] or A.shape != x.shape[2:3]:
+        raise ValueError(
+            f"mamba2_scan: dt must have shape (batch, L, heads) = {tuple(x.shape[:3])} and A shape (heads,) = "
+            f"{tuple(x.shape[2:3])}, got {tuple(dt.shape)} and {tuple(A.shape)}."
+        )
+    compute = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        dt = dt.to(compute)
+        X = x.to(compute) * dt[..., None]  # (batch, L, heads, head_dim)
+        Y, final_state = ssd_scan(X, dt * A.to(compute), B, C, chunk_size, initial_states)
+    return Y.to(x.dtype), final_state
+
+
+def _chunk_scan_refusal(x, dt, A, B, C, chunk_size) -> str | None:
+    """Why the Triton SSD scan cannot take these arguments, or None when it can."""
+    if x.dtype not in _KERNEL_DTYPES or any(t.dtype not in _KERNEL_DTYPES for t in (dt, B, C)):
+        return f"x, dt, B and C must be one of {_KERNEL_DTYPES}"
+    if A.dtype != torch.float32:
+        return "A must be float32"
+    if chunk_size & (chunk_size - 1):
+        return "chunk_size must be a power of two"
+    return None
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """Depthwise causal convolution: x (batch, d, L), weight (d, width), bias (d,); activation None or "silu".
+
+    Output t sees inputs t - width + 1 .. t; returns (batch, d, L) in x's dtype.
+    """
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}.")
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"causal_conv1d: x must have shape (batch, d, L) and weight (d, width) with the same d, got "
+            f"{tuple(x.shape)} and {tuple(weight.shape)}."
+        )
+    if _causal_conv1d_cuda is not None and x.is_cuda:
+        if x.dtype in _KERNEL_DTYPES and 2 <= weight.shape[1] <= 4:
+            return _causal_conv1d_cuda(x, weight, bias, activation=activation)
+        _fall_back("causal_conv1d", "it takes float32/16 inputs and widths 2 to 4")
+    width = weight.shape[1]
+    # Pad width - 1 zeros in front, then drop the width - 1 outputs past the end: (batch, d, L + width - 1) -> L.
+    y = F.conv1d(x, weight[:, None, :], bias, padding=width - 1, groups=x.shape[1])[..., : x.shape[-1]]
+    return F.silu(y) if activation == "silu" else y

@@ -1,0 +1,317 @@
+"""Every op against a plain float64 recurrence or direct convolution sum, values and gradients, plus bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scrolls_ssm import ops
+from scrolls_ssm.ops_selective_scan import selective_scan
+from scrolls_ssm.ops_ssd import ssd_scan
+
+
+def _seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- references
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """One step at a time, in whatever dtype it is given (float64 in these tests)."""
+    batch, d, length = u.shape
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+
+    def at(matrix, t):  # B or C at step t, broadcastable to the (batch, d, n) state
+        if matrix.dim() == 2:
+            return matrix[None]
+        if matrix.dim() == 3:
+            return matrix[:, None, :, t]
+        return matrix[..., t].repeat_interleave(d // matrix.shape[1], dim=1)
+
+    x = u.new_zeros(batch, d, A.shape[1])
+    ys = []
+    for t in range(length):
+        x = torch.exp(delta[:, :, t, None] * A) * x + (delta[:, :, t] * u[:, :, t])[..., None] * at(B, t)
+        ys.append((x * at(C, t)).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y, x
+
+
+def ssd_reference(X, A, B, C, initial_states=None):
+    batch, length, heads, head_dim = X.shape
+    B = B.repeat_interleave(heads // B.shape[2], dim=2)
+    C = C.repeat_interleave(heads // C.shape[2], dim=2)
+    h = X.new_zeros(batch, heads, head_dim, B.shape[-1]) if initial_states is None else initial_states
+    ys = []
+    for t in range(length):
+        h = torch.exp(A[:, t])[:, :, None, None] * h + X[:, t, :, :, None] * B[:, t, :, None, :]
+        ys.append((h * C[:, t, :, None, :]).sum(-1))
+    return torch.stack(ys, dim=1), h
+
+
+def s4d_kernel_reference(log_dt, A, C, length):
+    """The naive kernel: materializes the (H, N/2, L) Vandermonde matrix."""
+    dtA = torch.exp(log_dt)[:, None] * A
+    vandermonde = torch.exp(dtA[:, :, None] * torch.arange(length, dtype=log_dt.dtype))
+    return 2 * torch.einsum("chn,hnl->chl", C * (torch.exp(dtA) - 1) / A, vandermonde).real
+
+
+def conv_reference(u, K, bidirectional):
+    """The direct O(L^2) sums."""
+    length = u.shape[-1]
+    y = torch.zeros_like(u)
+    for t in range(length):
+        for s in range(length):
+            if s <= t:
+                y[..., t] += K[0, :, t - s] * u[..., s]
+            elif bidirectional:
+                y[..., t] += K[1, :, s - t - 1] * u[..., s]
+    return y
+
+
+# ---------------------------------------------------------------------------------------------- selective scan
+def _scan_inputs(kind: str, length: int = 37, batch: int = 2, d: int = 6, n: int = 4, dtype=torch.float64):
+    g = _seeded(1)
+    shape = {"constant": (d, n), "variable": (batch, n, length), "grouped": (batch, 3, n, length)}[kind]
+    return dict(
+        u=torch.randn(batch, d, length, generator=g, dtype=dtype),
+        delta=torch.rand(batch, d, length, generator=g, dtype=dtype),
+        A=-torch.rand(d, n, generator=g, dtype=dtype) * 3,
+        B=torch.randn(*shape, generator=g, dtype=dtype),
+        C=torch.randn(*shape, generator=g, dtype=dtype),
+        D=torch.randn(d, generator=g, dtype=dtype),
+        z=torch.randn(batch, d, length, generator=g, dtype=dtype),
+        delta_bias=torch.rand(d, generator=g, dtype=dtype) - 0.2,  # delta + bias stays > 0 without softplus
+    )
+
+
+@pytest.mark.parametrize("kind", ["constant", "variable", "grouped"])
+@pytest.mark.parametrize("extras", [(), ("D",), ("z", "delta_bias"), ("D", "z", "delta_bias")])
+@pytest.mark.parametrize("softplus", [False, True])
+@pytest.mark.parametrize("length", [1, 37])
+def test_selective_scan_matches_recurrence(kind, extras, softplus, length):
+    inputs = _scan_inputs(kind, length)
+    kwargs = {k: inputs[k] for k in ("u", "delta", "A", "B", "C", *extras)}
+    expected, expected_state = selective_scan_reference(**kwargs, delta_softplus=softplus)
+    float32 = {k: v.float() for k, v in kwargs.items()}
+    out, state = selective_scan(**float32, delta_softplus=softplus, return_last_state=True)
+    assert out.dtype == torch.float32 and state.shape == (2, 6, 4)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.double(), expected_state, rtol=1e-4, atol=1e-4)
+    assert torch.equal(selective_scan(**float32, delta_softplus=softplus), out)  # without the last state
+
+
+@pytest.mark.parametrize("kind", ["constant", "variable", "grouped"])
+def test_selective_scan_gradients_match_recurrence(kind):
+    inputs = {k: v.requires_grad_() for k, v in _scan_inputs(kind, length=23).items()}
+    weight = torch.randn(2, 6, 23, generator=_seeded(2), dtype=torch.float64)
+    out, state = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+    grads = torch.autograd.grad((out * weight).sum() + state.sum(), list(inputs.values()))
+    expected, expected_state = selective_scan_reference(**inputs, delta_softplus=True)
+    expected_grads = torch.autograd.grad((expected * weight).sum() + expected_state.sum(), list(inputs.values()))
+    for name, grad, expected_grad in zip(inputs, grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-8, msg=f"gradient of {name}")
+
+
+def test_selective_scan_long_sequence_is_stable():
+    """Large step sizes over many steps: no overflow from long products of decays."""
+    inputs = _scan_inputs("variable", length=3000, d=2, n=3, dtype=torch.float32)
+    out, state = selective_scan(
+        inputs["u"], inputs["delta"] * 20, inputs["A"] * 5, inputs["B"], inputs["C"], return_last_state=True
+    )
+    assert torch.isfinite(out).all() and torch.isfinite(state).all()
+
+
+def test_selective_scan_keeps_float32_math_under_autocast():
+    inputs = _scan_inputs("variable", dtype=torch.float32)
+    expected = selective_scan(**inputs, delta_softplus=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = selective_scan(
+            **{k: v.bfloat16() if v.dim() == 3 and k != "B" and k != "C" else v for k, v in inputs.items()},
+            delta_softplus=True,
+        )
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"delta": torch.zeros(2, 6, 5)}, "delta must have u's shape"),
+        ({"A": torch.zeros(5, 4)}, r"A must have shape \(d, n\)"),
+        ({"B": torch.zeros(2, 5, 37)}, r"B must have shape \(d, n\)"),
+        ({"C": torch.zeros(2, 4, 4, 37)}, "C has 4 groups"),
+        ({"D": torch.zeros(5)}, r"D must be a real tensor of shape \(d,\)"),
+        ({"z": torch.zeros(2, 6, 36)}, "z must have u's shape"),
+        ({"delta": torch.zeros(2, 6, 37, dtype=torch.float64)}, "delta must have u's dtype"),
+        ({"u": torch.zeros(6, 37)}, r"u must have shape \(batch, d, L\)"),
+    ],
+)
+def test_selective_scan_rejects_bad_inputs(change, message):
+    inputs = {**_scan_inputs("variable", dtype=torch.float32), **change}
+    with pytest.raises(ValueError, match=message):
+        selective_scan(**inputs)
+
+
+# ---------------------------------------------------------------------------------------------- SSD
+def _ssd_inputs(length=37, groups=1, with_initial=False, batch=2, heads=4, head_dim=3, d_state=5):
+    g = _seeded(3)
+    return dict(
+        X=torch.randn(batch, length, heads, head_dim, generator=g, dtype=torch.float64),
+        A=-torch.rand(batch, length, heads, generator=g, dtype=torch.float64),
+        B=torch.randn(batch, length, groups, d_state, generator=g, dtype=torch.float64),
+        C=torch.randn(batch, length, groups, d_state, generator=g, dtype=torch.float64),
+        initial_states=torch.randn(batch, heads, head_dim, d_state, generator=g, dtype=torch.float64)
+        if with_initial
+        else None,
+    )
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("with_initial", [False, True])
+@pytest.mark.parametrize(("length", "chunk_size"), [(37, 8), (32, 8), (1, 4), (5, 16)])
+def test_ssd_scan_matches_recurrence(groups, with_initial, length, chunk_size):
+    inputs = _ssd_inputs(length, groups, with_initial)
+    expected, expected_state = ssd_reference(**inputs)
+    Y, state = ssd_scan(**{k: v.float() if v is not None else None for k, v in inputs.items()}, chunk_size=chunk_size)
+    assert Y.dtype == torch.float32
+    torch.testing.assert_close(Y.double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.double(), expected_state, rtol=1e-4, atol=1e-4)
+
+
+def test_ssd_scan_gradients_match_recurrence():
+    inputs = {k: v.requires_grad_() for k, v in _ssd_inputs(length=19, groups=2, with_initial=True).items()}
+    weight = torch.randn(2, 19, 4, 3, generator=_seeded(4), dtype=torch.float64)
+    Y, state = ssd_scan(**inputs, chunk_size=8)
+    grads = torch.autograd.grad((Y * weight).sum() + state.sum(), list(inputs.values()))
+    expected, expected_state = ssd_reference(**inputs)
+    expected_grads = torch.autograd.grad((expected * weight).sum() + expected_state.sum(), list(inputs.values()))
+    for name, grad, expected_grad in zip(inputs, grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-8, msg=f"gradient of {name}")
+
+
+def test_ssd_scan_long_strong_decay_is_finite():
+    inputs = _ssd_inputs(length=2000, heads=2)
+    Y, state = ssd_scan(inputs["X"].float(), inputs["A"].float() * 50, inputs["B"].float(), inputs["C"].float(), 256)
+    assert torch.isfinite(Y).all() and torch.isfinite(state).all()
+
+
+@pytest.mark.parametrize(
+    ("change", "chunk_size", "message"),
+    [
+        ({"A": torch.zeros(2, 37, 3)}, 8, r"A must have shape \(batch, L, heads\)"),
+        ({"B": torch.zeros(2, 37, 3, 5)}, 8, "B must have shape"),
+        ({"C": torch.zeros(2, 37, 1, 4)}, 8, "C must have B's shape"),
+        ({"initial_states": torch.zeros(2, 4, 3, 4)}, 8, "initial_states must have shape"),
+        ({}, 512, r"chunk_size must be an int in \[1, 256\]"),
+    ],
+)
+def test_ssd_scan_rejects_bad_inputs(change, chunk_size, message):
+    inputs = {**_ssd_inputs(), **change}
+    with pytest.raises(ValueError, match=message):
+        ssd_scan(**inputs, chunk_size=chunk_size)
+
+
+def test_mamba2_scan_is_ssd_on_dt_scaled_inputs():
+    g = _seeded(5)
+    x, dt = torch.randn(2, 21, 4, 3, generator=g), torch.rand(2, 21, 4, generator=g)
+    A, B, C = -torch.rand(4, generator=g), torch.randn(2, 21, 1, 5, generator=g), torch.randn(2, 21, 1, 5, generator=g)
+    Y, state = ops.mamba2_scan(x, dt, A, B, C, chunk_size=8)
+    expected, expected_state = ssd_reference(
+        x.double() * dt.double()[..., None], A.double() * dt.double(), B.double(), C.double()
+    )
+    torch.testing.assert_close(Y.double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.double(), expected_state, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"A shape \(heads,\)"):
+        ops.mamba2_scan(x, dt, A[:3], B, C, chunk_size=8)
+
+
+# ---------------------------------------------------------------------------------------------- S4D
+def _s4d_parameters(heads=3, half_state=4, channels=2):
+    g = _seeded(6)
+    log_dt = torch.rand(heads, generator=g, dtype=torch.float64) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)
+    A = torch.complex(
+        -0.5 * torch.ones(heads, half_state, dtype=torch.float64),
+        math.pi * torch.arange(half_state, dtype=torch.float64).expand(heads, -1),
+    )
+    C = torch.complex(
+        torch.randn(channels, heads, half_state, generator=g, dtype=torch.float64),
+        torch.randn(channels, heads, half_state, generator=g, dtype=torch.float64),
+    )
+    return log_dt, A, C
+
+
+@pytest.mark.parametrize("length", [1, 7, 37, 300])
+def test_s4d_kernel_matches_materialized_vandermonde(length):
+    log_dt, A, C = _s4d_parameters()
+    expected = s4d_kernel_reference(log_dt, A, C, length)
+    got = ops.s4d_kernel(log_dt.float(), A.to(torch.complex64), C.to(torch.complex64), length)
+    assert got.shape == (2, 3, length) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_s4d_kernel_gradients_match_materialized_vandermonde():
+    parameters = [p.requires_grad_() for p in _s4d_parameters()]
+    weight = torch.randn(2, 3, 29, generator=_seeded(7), dtype=torch.float64)
+    grads = torch.autograd.grad((ops.s4d_kernel(*parameters, 29) * weight).sum(), parameters)
+    expected = torch.autograd.grad((s4d_kernel_reference(*parameters, 29) * weight).sum(), parameters)
+    for grad, expected_grad in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("length", [1, 2, 17])
+def test_fft_conv_matches_direct_sums(bidirectional, length):
+    g = _seeded(8)
+    u = torch.randn(2, 3, length, generator=g, dtype=torch.float64, requires_grad=True)
+    K = torch.randn(2 if bidirectional else 1, 3, length, generator=g, dtype=torch.float64, requires_grad=True)
+    got, expected = ops.fft_conv(u, K, bidirectional), conv_reference(u, K, bidirectional)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8)
+    weight = torch.randn_like(expected)
+    grads = torch.autograd.grad((got * weight).sum(), [u, K])
+    expected_grads = torch.autograd.grad((expected * weight).sum(), [u, K])
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-8)
+
+
+def test_fft_conv_takes_bfloat16_and_returns_it():
+    u = torch.randn(2, 3, 16, generator=_seeded(9))
+    K = torch.randn(2, 3, 16, generator=_seeded(10))
+    got = ops.fft_conv(u.bfloat16(), K.bfloat16(), bidirectional=True)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ops.fft_conv(u, K, bidirectional=True), rtol=0.05, atol=0.1)
+
+
+def test_s4d_ops_reject_bad_inputs():
+    log_dt, A, C = _s4d_parameters()
+    with pytest.raises(ValueError, match=r"A must be a complex tensor of shape \(H, N/2\)"):
+        ops.s4d_kernel(log_dt, A.real, C, 8)
+    with pytest.raises(ValueError, match=r"C must be a complex tensor of shape \(channels, H, N/2\)"):
+        ops.s4d_kernel(log_dt, A, C[:, :2], 8)
+    with pytest.raises(ValueError, match="length must be an int >= 1"):
+        ops.s4d_kernel(log_dt, A, C, 0)
+    with pytest.raises(ValueError, match=r"K must be a real tensor of shape \(channels, H, L\) = \(2, 3, 8\)"):
+        ops.fft_conv(torch.zeros(1, 3, 8), torch.zeros(1, 3, 8), bidirectional=True)
+
+
+# ---------------------------------------------------------------------------------------------- causal conv
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv1d_matches_direct_sum(activation):
+    g = _seeded(11)
+    x, weight, bias = torch.randn(2, 3, 9, generator=g), torch.randn(3, 4, generator=g), torch.randn(3, generator=g)
+    expected = torch.stack(
+        [sum(weight[:, k] * x[:, :, t - 3 + k] for k in range(4) if t - 3 + k >= 0) + bias for t in range(9)], dim=-1
+    )
+    expected = F.silu(expected) if activation == "silu" else expected
+    torch.testing.assert_close(ops.causal_conv1d(x, weight, bias, activation), expected)
+    with pytest.raises(ValueError, match="activation must be None or 'silu'"):
+        ops.causal_conv1d(x, weight, bias, "relu")
