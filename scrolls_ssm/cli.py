@@ -149,7 +149,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="fine-tune and evaluate a recipe (accelerate launch for several processes)",
         description="Train with Accelerate: defaults < recipe YAML < key=value overrides. See docs/training.md.",
     )
-    _add_run_arguments(train, recipe_required=False)
+    _add_run_arguments(train)
     train.set_defaults(func=_run_train)
     for name, split, what in (("evaluate", "validation", "score"), ("predict", "test", "predict")):
         sub = commands.add_parser(
@@ -158,7 +158,7 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", required=True, help="a trained model folder (e.g. runs/qasper/model)")
         sub.add_argument("--split", default=split, choices=list(SPLITS))
         sub.add_argument("--output-dir", default=None, help="where outputs go (default: beside the model)")
-        _add_run_arguments(sub, recipe_required=False)
+        _add_run_arguments(sub)
         sub.set_defaults(func=_run_evaluate)
 
     from scrolls_ssm.hub import add_push_arguments
