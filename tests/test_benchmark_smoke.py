@@ -1,0 +1,70 @@
+"""Smoke test of benchmarks/encoder_scaling.py at a tiny size: the sweep runs, isolates workers, and writes a CSV,
+markdown and PNG with the expected columns and positive numbers.
+
+The sweep itself runs in-process with the worker call swapped for a direct `measure` (a fresh process per run costs
+seconds of imports each); one real worker process checks the subprocess protocol on its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+CONFIGS = ["s4d", "mamba2", "led"]  # two of our mixers and the SCROLLS LED baseline
+LENGTHS = [64, 128]
+NUMERIC = ["time_s", "tokens_per_s", "peak_mem_mb", "gflop", "achieved_gflops", "matmul_gflops", "matmul_util"]
+
+
+@pytest.fixture(scope="module")
+def encoder_scaling():
+    sys.path.insert(0, str(BENCHMARKS))  # the benchmarks are scripts, not a package
+    try:
+        yield importlib.import_module("encoder_scaling")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_sweep_writes_expected_outputs(encoder_scaling, tmp_path, monkeypatch):
+    for config in CONFIGS:
+        if reason := encoder_scaling.missing_kinds(config):
+            pytest.skip(reason)
+    monkeypatch.setattr(encoder_scaling, "matmul_rate", lambda device, dtype: 1e11)  # the worker test times it
+    monkeypatch.setattr(
+        encoder_scaling, "run_worker", lambda spec, timeout_s, max_rss_bytes: encoder_scaling.measure(spec)
+    )
+    argv = ["--size", "tiny", "--repeats", "1", "--out", str(tmp_path), "--lengths", *map(str, LENGTHS)]
+    csv_path = encoder_scaling.main([*argv, "--kinds", *CONFIGS])
+
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == importlib.import_module("scaling_report").FIELDS
+    assert [(row["config"], int(row["length"])) for row in rows] == [(c, n) for c in CONFIGS for n in LENGTHS]
+    for row in rows:
+        assert row["status"] == "ok", row
+        for field in NUMERIC:
+            assert float(row[field]) > 0, (field, row)
+    report = csv_path.with_suffix(".md").read_text()
+    assert "## Forward + backward time" in report and "| led |" in report
+    assert csv_path.with_suffix(".png").stat().st_size > 0
+
+
+def test_worker_process_reports_a_result(encoder_scaling):
+    size = asdict(encoder_scaling.SIZES["tiny"])
+    spec = {"config": "attention", "length": 64, "size": size, "device": "cpu", "repeats": 1}
+    result = encoder_scaling.run_worker(spec, timeout_s=120, max_rss_bytes=8 * 2**30)
+    assert result["status"] == "ok", result
+    assert result["time_s"] > 0 and result["gflop"] > 0
+
+
+def test_unregistered_kind_is_recorded_as_skipped(encoder_scaling, tmp_path, monkeypatch):
+    monkeypatch.setitem(encoder_scaling.REQUIRED_KINDS, "s4d", {"no-such-kind"})
+    csv_path = encoder_scaling.main(["--size", "tiny", "--kinds", "s4d", "--lengths", "64", "--out", str(tmp_path)])
+    with csv_path.open() as handle:
+        (row,) = csv.DictReader(handle)
+    assert row["status"] == "skipped" and "no-such-kind" in row["note"]
