@@ -45,6 +45,24 @@ class ScrollsSSMConfig(BartConfig):
     encoder_layer_types: list[str] | None = None
     max_source_positions: int = 16384
     attention_window: int | None = None
+    # State-space mixers (docs/mixers.md). dt, A and their kin train with `ssm_lr` and no weight decay.
+    ssm_lr: float | None = 1e-3  # learning rate of the SSM dynamics parameters; None: the run's learning rate
+    ssm_dt_min: float = 0.001  # step sizes dt are initialized log-uniformly in [ssm_dt_min, ssm_dt_max]
+    ssm_dt_max: float = 0.1
+    s4d_d_state: int = 64  # N of S4D (and GSS): N/2 complex conjugate-pair modes per channel
+    s4d_init: str = "lin"  # imaginary parts of A: "lin" (S4D-Lin, pi * n) or "inv" (S4D-Inv)
+    mamba_d_state: int = 16  # N of Mamba-1
+    mamba_d_conv: int = 4  # width of Mamba-1's causal depthwise convolution
+    mamba_expand: int = 2  # Mamba-1's inner width is mamba_expand * d_model
+    mamba_dt_rank: int | None = None  # rank of the dt projection; None: ceil(d_model / 16)
+    mamba2_d_state: int = 64  # N of Mamba-2
+    mamba2_headdim: int = 64  # Mamba-2 head size; must divide mamba2_expand * d_model
+    mamba2_expand: int = 2  # Mamba-2's inner width is mamba2_expand * d_model
+    mamba2_d_conv: int = 4  # width of Mamba-2's causal depthwise convolution
+    mamba2_chunk_size: int = 256  # SSD chunk length (<= 256)
+    gss_d_state: int = 64  # N of GSS's S4D-style SSM
+    gss_expansion: int = 2  # GSS's gated width is gss_expansion * d_model
+    gss_ssm_dim: int | None = None  # width the GSS SSM runs at; None: d_model // 4 (the paper's reduction)
 
     def __post_init__(self, **kwargs):
         if self.encoder_layer_types is None:
@@ -77,11 +95,61 @@ class ScrollsSSMConfig(BartConfig):
             self.attention_window,
             "None (full attention) or an int >= 1 (block-local attention)",
         )
+        self._validate_ssm_fields()
         _require(
             self.d_model % self.encoder_attention_heads == 0,
             "encoder_attention_heads",
             self.encoder_attention_heads,
             f"a divisor of d_model={self.d_model}",
+        )
+
+    def _validate_ssm_fields(self):
+        _require(self.ssm_lr is None or self.ssm_lr > 0, "ssm_lr", self.ssm_lr, "None or a learning rate > 0")
+        _require(
+            0 < self.ssm_dt_min <= self.ssm_dt_max,
+            "ssm_dt_min",
+            self.ssm_dt_min,
+            f"0 < ssm_dt_min <= ssm_dt_max (= {self.ssm_dt_max})",
+        )
+        for field in ("s4d_d_state", "gss_d_state"):
+            value = getattr(self, field)
+            _require(value >= 2 and value % 2 == 0, field, value, "an even int >= 2 (states come in conjugate pairs)")
+        _require(self.s4d_init in ("lin", "inv"), "s4d_init", self.s4d_init, "'lin' (S4D-Lin) or 'inv' (S4D-Inv)")
+        for field in (
+            "mamba_d_state",
+            "mamba_d_conv",
+            "mamba_expand",
+            "mamba2_d_state",
+            "mamba2_headdim",
+            "mamba2_expand",
+            "mamba2_d_conv",
+            "gss_expansion",
+        ):
+            _require(getattr(self, field) >= 1, field, getattr(self, field), "an int >= 1")
+        _require(
+            self.mamba_dt_rank is None or self.mamba_dt_rank >= 1,
+            "mamba_dt_rank",
+            self.mamba_dt_rank,
+            "None (ceil(d_model / 16)) or an int >= 1",
+        )
+        inner = self.mamba2_expand * self.d_model
+        _require(
+            inner % self.mamba2_headdim == 0,
+            "mamba2_headdim",
+            self.mamba2_headdim,
+            f"a divisor of mamba2_expand * d_model = {self.mamba2_expand} * {self.d_model} = {inner}",
+        )
+        _require(
+            1 <= self.mamba2_chunk_size <= 256,
+            "mamba2_chunk_size",
+            self.mamba2_chunk_size,
+            "an int in [1, 256] (longer chunks lose float32 precision in the decays)",
+        )
+        _require(
+            self.gss_ssm_dim is None or self.gss_ssm_dim >= 1,
+            "gss_ssm_dim",
+            self.gss_ssm_dim,
+            "None (d_model // 4) or an int >= 1",
         )
 
 

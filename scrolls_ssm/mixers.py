@@ -6,9 +6,13 @@ from torch import nn
 
 from .configuration_scrolls_ssm import ScrollsSSMConfig
 from .mixer_attention import AttentionMixer
+from .mixer_mamba import BiMambaMixer
+from .mixer_s4d import S4DMixer
 
 MIXERS: dict[str, type[nn.Module]] = {
     "attention": AttentionMixer,
+    "s4d": S4DMixer,
+    "mamba": BiMambaMixer,
 }
 
 
