@@ -95,15 +95,16 @@ class ScrollsSSMConfig(BartConfig):
             self.attention_window,
             "None (full attention) or an int >= 1 (block-local attention)",
         )
-        self._validate_ssm_fields()
         _require(
             self.d_model % self.encoder_attention_heads == 0,
             "encoder_attention_heads",
             self.encoder_attention_heads,
             f"a divisor of d_model={self.d_model}",
         )
+        self._validate_ssm_fields()
 
     def _validate_ssm_fields(self):
+        """Ranges of the `ssm_*` / `<kind>_*` fields; shape constraints only where a layer of that kind exists."""
         _require(self.ssm_lr is None or self.ssm_lr > 0, "ssm_lr", self.ssm_lr, "None or a learning rate > 0")
         _require(
             0 < self.ssm_dt_min <= self.ssm_dt_max,
@@ -134,7 +135,7 @@ class ScrollsSSMConfig(BartConfig):
         )
         inner = self.mamba2_expand * self.d_model
         _require(
-            inner % self.mamba2_headdim == 0,
+            "mamba2" not in self.encoder_layer_types or inner % self.mamba2_headdim == 0,
             "mamba2_headdim",
             self.mamba2_headdim,
             f"a divisor of mamba2_expand * d_model = {self.mamba2_expand} * {self.d_model} = {inner}",
