@@ -6,13 +6,17 @@ from torch import nn
 
 from .configuration_scrolls_ssm import ScrollsSSMConfig
 from .mixer_attention import AttentionMixer
+from .mixer_gss import GSSMixer
 from .mixer_mamba import BiMambaMixer
+from .mixer_mamba2 import BiMamba2Mixer
 from .mixer_s4d import S4DMixer
 
 MIXERS: dict[str, type[nn.Module]] = {
     "attention": AttentionMixer,
     "s4d": S4DMixer,
     "mamba": BiMambaMixer,
+    "mamba2": BiMamba2Mixer,
+    "gss": GSSMixer,
 }
 
 

@@ -1,0 +1,150 @@
+"""The mixer contract (scrolls_ssm/mixer_base.py), checked for every kind in MIXERS on a tiny config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scrolls_ssm.configuration_scrolls_ssm import MIXER_KINDS, ScrollsSSMConfig
+from scrolls_ssm.mixers import MIXERS, build_mixer
+
+D_MODEL = 32
+# Every kind, plus block-local attention with a window shorter than the test sequences.
+CASES = [pytest.param(kind, {}, id=kind) for kind in MIXERS] + [
+    pytest.param("attention", {"attention_window": 4}, id="attention-window4")
+]
+
+
+def tiny_config(kind: str, **overrides) -> ScrollsSSMConfig:
+    """Small enough to run every check in well under a second; small chunks so that chunking is exercised."""
+    settings = dict(
+        d_model=D_MODEL,
+        encoder_attention_heads=4,
+        encoder_layers=1,
+        encoder_layer_types=[kind],
+        s4d_d_state=8,
+        mamba_d_state=4,
+        mamba2_d_state=8,
+        mamba2_headdim=16,
+        mamba2_chunk_size=8,
+        gss_d_state=8,
+        attention_dropout=0.0,
+    )
+    config = ScrollsSSMConfig(**{**settings, **overrides})
+    # What the model sets when it is built; a bare config leaves it None, and then transformers' mask helpers
+    # return no mask at all.
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def make_mixer(kind: str, overrides: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_mixer(tiny_config(kind, **overrides), layer_idx=0).eval()
+
+
+def hidden(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, length, D_MODEL, generator=torch.Generator().manual_seed(seed))
+
+
+def test_mixers_cover_exactly_the_configurable_kinds():
+    assert set(MIXERS) == set(MIXER_KINDS)
+
+
+def test_unknown_kind_names_layer_value_and_choices():
+    config = tiny_config("attention")
+    config.encoder_layer_types[0] = "lstm"  # past the config's own validation, as a hand-edited config would be
+    with pytest.raises(ValueError, match=r"encoder_layer_types\[0\]='lstm'.*valid kinds: \['attention'"):
+        build_mixer(config, 0)
+
+
+@pytest.mark.parametrize(("kind", "overrides"), CASES)
+def test_output_shape(kind, overrides):
+    mixer = make_mixer(kind, overrides)
+    x = hidden(2, 13)
+    out = mixer(x, torch.ones(2, 13, dtype=torch.long))
+    assert out.shape == x.shape and out.dtype == x.dtype
+
+
+@pytest.mark.parametrize(("kind", "overrides"), CASES)
+def test_padding_invariance(kind, overrides):
+    """Real positions of a right-padded row match the same row run alone, whatever sits at the pads."""
+    mixer = make_mixer(kind, overrides)
+    lengths = [19, 11]
+    x = hidden(2, 19)
+    mask = torch.zeros(2, 19, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    x[1, lengths[1] :] = 1e3 * hidden(1, 19 - lengths[1], seed=2)[0]  # large garbage at the pads
+    with torch.no_grad():
+        padded = mixer(x, mask)
+        for row, length in enumerate(lengths):
+            alone = mixer(x[row : row + 1, :length], torch.ones(1, length, dtype=torch.long))
+            torch.testing.assert_close(padded[row, :length], alone[0], rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(padded).all()
+
+
+@pytest.mark.parametrize(("kind", "overrides"), CASES)
+def test_bidirectional(kind, overrides):
+    """Changing the last real position changes position 0, in a padded batch too.
+
+    Block-local attention sees its own and the neighbouring blocks only, so its sequence spans two blocks.
+    """
+    mixer = make_mixer(kind, overrides)
+    length = 2 * overrides["attention_window"] if "attention_window" in overrides else 15
+    x = hidden(2, length)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, length - 3 :] = 0
+    changed = x.clone()
+    changed[0, length - 1] += 1.0
+    changed[1, length - 4] += 1.0
+    with torch.no_grad():
+        before, after = mixer(x, mask), mixer(changed, mask)
+    assert (before[:, 0] - after[:, 0]).abs().max(dim=-1).values.min() > 1e-6
+
+
+@pytest.mark.parametrize(("kind", "overrides"), CASES)
+def test_gradients_reach_every_parameter(kind, overrides):
+    mixer = make_mixer(kind, overrides).train()
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, 9:] = 0
+    out = mixer(hidden(2, 13), mask)
+    (out * hidden(2, 13, seed=3)).sum().backward()
+    for name, parameter in mixer.named_parameters():
+        assert parameter.grad is not None, f"{kind}: {name} got no gradient"
+        assert parameter.grad.abs().sum() > 0, f"{kind}: {name} got a zero gradient"
+        assert torch.isfinite(parameter.grad).all(), f"{kind}: {name} got a non-finite gradient"
+
+
+@pytest.mark.parametrize(("kind", "overrides"), CASES)
+@pytest.mark.parametrize("length", [1, 2, 7, 33])
+def test_finite_at_short_and_odd_lengths(kind, overrides, length):
+    mixer = make_mixer(kind, overrides)
+    with torch.no_grad():
+        out = mixer(hidden(2, length), torch.ones(2, length, dtype=torch.long))
+    assert out.shape == (2, length, D_MODEL) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(("kind", "overrides"), CASES)
+def test_bfloat16_autocast_stays_close_to_float32(kind, overrides):
+    """Under CPU bf16 autocast the projections run in bf16 but the SSM math stays float32."""
+    mixer = make_mixer(kind, overrides)
+    x = hidden(2, 21)
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[1, 15:] = 0
+    with torch.no_grad():
+        expected = mixer(x, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = mixer(x, mask)
+    assert torch.isfinite(got).all()
+    scale = expected[mask.bool()].abs().max()
+    error = (got.float() - expected)[mask.bool()].abs().max()
+    assert error <= 0.05 * scale, f"{kind}: bf16 error {error:.3g} vs output scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("kind", [kind for kind in MIXERS if kind != "attention"])
+def test_ssm_dynamics_carry_optimizer_hint(kind):
+    """dt / A parameters learn at `ssm_lr`; every hinted parameter skips weight decay."""
+    mixer = make_mixer(kind, {"ssm_lr": 2e-3})
+    hints = {name: p._optim for name, p in mixer.named_parameters() if hasattr(p, "_optim")}
+    assert any(hint.get("lr") == 2e-3 for hint in hints.values()), hints
+    assert all(hint["weight_decay"] == 0.0 and hint.get("lr", 2e-3) == 2e-3 for hint in hints.values()), hints
