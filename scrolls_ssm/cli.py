@@ -98,10 +98,8 @@ def _run_push(args: argparse.Namespace) -> int:
     return run_push(args)
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser, recipe_required: bool) -> None:
-    parser.add_argument(
-        "--recipe", required=recipe_required, default=None, help="a recipe YAML, e.g. recipes/qasper.yaml"
-    )
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default=None, help="a recipe YAML, e.g. recipes/qasper.yaml")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.learning_rate=1e-4"
     )

@@ -83,11 +83,21 @@ def test_csv_round_trip_keeps_empty_and_tricky_predictions(tmp_path):
 def test_csv_needs_exactly_the_seven_tasks(tmp_path):
     predictions = _all_tasks()
     del predictions["qmsum"]
-    with pytest.raises(ValueError, match=r"missing: \['qmsum'\]; not part of a submission: none"):
+    with pytest.raises(ValueError, match=r"missing: \['qmsum'\]; not part of it: none"):
         build_submission_csv(predictions, tmp_path / "s.csv")
-    with pytest.raises(ValueError, match=r"not part of a submission: \['quality_hard'\]"):
+    with pytest.raises(ValueError, match=r"not part of it: \['quality_hard'\]"):
         build_submission_csv({**_all_tasks(), "quality_hard": {}}, tmp_path / "s.csv")
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_csv_for_a_subset_of_tasks(tmp_path):
+    """A run on fewer tasks writes the same format for just its own tasks, in the order given."""
+    predictions = {task: ids for task, ids in _all_tasks().items() if task in ("qasper", "gov_report")}
+    path = build_submission_csv(predictions, tmp_path / "s.csv", tasks=["qasper", "gov_report"])
+    assert read_submission_csv(path) == predictions
+    assert path.read_text().splitlines()[1].startswith("qasper,")
+    with pytest.raises(ValueError, match=r"missing: \['gov_report'\]"):
+        build_submission_csv({"qasper": predictions["qasper"]}, tmp_path / "t.csv", tasks=["qasper", "gov_report"])
 
 
 def test_csv_from_folder_and_validation_against_test_split(tmp_path):
