@@ -28,7 +28,7 @@ def test_all_attention_swap_equals_the_bart_checkpoint(tiny_bart):
 
 
 def test_swap_keeps_ffn_norms_decoder_and_embeddings(tiny_bart):
-    model = swap_encoder(tiny_bart, ["s4d", "attention"] if _has("s4d") else ["attention", "attention"])
+    model = swap_encoder(tiny_bart, ["s4d", "attention"])
     bart_state, ours = tiny_bart.state_dict(), model.state_dict()
     for i in range(2):
         for name in ("fc1.weight", "fc2.bias", "final_layer_norm.weight"):
@@ -123,9 +123,3 @@ def test_return_tokenizer_needs_a_path(tiny_bart):
 def test_bad_layer_kind_names_the_layer(tiny_bart):
     with pytest.raises(Exception, match=r"encoder_layer_types\[1\]='rnn'"):
         swap_encoder(tiny_bart, ["attention", "rnn"])
-
-
-def _has(kind: str) -> bool:
-    from scrolls_ssm import MIXERS
-
-    return kind in MIXERS

@@ -270,7 +270,8 @@ def test_block_local_attention_stays_finite_with_long_padding():
 
 
 def test_16k_token_forward_and_backward_of_a_tiny_model():
-    model = tiny_model(encoder_layer_types=["attention"], attention_window=256, max_source_positions=16384).train()
+    model = tiny_model(encoder_layer_types=["s4d", "attention"], attention_window=256, max_source_positions=16384)
+    model.train()
     input_ids = torch.randint(4, 120, (1, 16384))
     loss = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids[:, :8]).loss
     loss.backward()
