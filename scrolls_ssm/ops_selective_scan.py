@@ -16,8 +16,8 @@ levels, so only about 2 * sqrt(L) Python steps run and each one works on a large
 
 The backward is written by hand (`_SelectiveScanCore`): it recomputes the states and runs the adjoint recurrence
 backwards with the same two levels. Between forward and backward a layer then holds only (batch, d, L)-sized
-inputs, not the (batch, d, n, L) states autograd would save: at L = 16K, d = 512, n = 16 that is 4 GB less per
-scan direction, and every loop stays linear in L.
+inputs, not the (batch, d, n, L) states autograd would save (a bidirectional Mamba mixer at d_model 256, L = 16K:
+3.7 GB peak instead of 8 GB), and every loop stays linear in L.
 """
 
 from __future__ import annotations
