@@ -20,7 +20,7 @@ import torch
 import yaml
 from huggingface_hub import CommitInfo, HfApi, ModelCard
 
-from scrolls_ssm import ScrollsSSMConfig, ScrollsSSMForConditionalGeneration
+from scrolls_ssm import ScrollsSSMForConditionalGeneration
 from scrolls_ssm.hub import (
     CARD_MARKER,
     HubUploadError,
@@ -32,6 +32,7 @@ from scrolls_ssm.hub import (
     push_to_hub,
     run_push,
 )
+from tests.conftest import tiny_model
 
 REPO_ID = "someone/bart-tiny-ssm-scrolls"
 TOKEN = "hf_TESTTOKENdoNotLeakThis0123456789"
@@ -73,21 +74,7 @@ INDEXED = {
 
 
 def _tiny_model() -> ScrollsSSMForConditionalGeneration:
-    torch.manual_seed(0)
-    config = ScrollsSSMConfig(
-        vocab_size=120,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        max_source_positions=256,
-        encoder_layer_types=["attention", "attention"],
-    )
-    return ScrollsSSMForConditionalGeneration(config).eval()
+    return tiny_model(encoder_layer_types=["attention", "attention"], dropout=0.1)
 
 
 @pytest.fixture
