@@ -38,6 +38,8 @@ def ssd_scan(
     """
     _check_arguments(X, A, B, C, chunk_size, initial_states)
     batch, length, heads, head_dim = X.shape
+    groups, d_state = B.shape[2:]
+    per_group = heads // groups
     out_dtype = X.dtype
     compute = torch.promote_types(X.dtype, torch.float32)
     pad = -length % chunk_size
@@ -45,41 +47,48 @@ def ssd_scan(
     with torch.autocast(device_type=X.device.type, enabled=False):
         # Padding steps: A = 0 (decay 1) and X = 0 (no input), so the final state is the state after step L.
         def to_chunks(x: torch.Tensor) -> torch.Tensor:
-            # (batch, L, ...) -> (batch, chunks, Q, ...)
-            x = F.pad(x.to(compute), (0, 0) * (x.dim() - 2) + (0, pad))
-            return x.unflatten(1, (chunks, chunk_size))
+            # (batch, L, heads or groups, k) -> (batch, chunks, Q, heads or groups, k) -> (batch, ., chunks, Q, k)
+            x = F.pad(x.to(compute), (0, 0, 0, 0, 0, pad)).unflatten(1, (chunks, chunk_size))
+            return x.permute(0, 3, 1, 2, 4)
 
-        groups = B.shape[2]
-        X_c = to_chunks(X)  # (batch, chunks, Q, heads, head_dim)
-        B_c = to_chunks(B).repeat_interleave(heads // groups, dim=3)  # (batch, chunks, Q, heads, d_state)
-        C_c = to_chunks(C).repeat_interleave(heads // groups, dim=3)
-        A_c = to_chunks(A).permute(0, 3, 1, 2)  # (batch, chunks, Q, heads) -> (batch, heads, chunks, Q)
+        X_c = to_chunks(X)  # (batch, heads, chunks, Q, head_dim)
+        B_c, C_c = to_chunks(B), to_chunks(C)  # (batch, groups, chunks, Q, d_state)
+        # (batch, L, heads) -> (batch, chunks, Q, heads) -> (batch, heads, chunks, Q)
+        A_c = F.pad(A.to(compute), (0, 0, 0, pad)).unflatten(1, (chunks, chunk_size)).permute(0, 3, 1, 2)
 
-        # Within a chunk: Y_i += sum_{j <= i} (C_i . B_j) exp(A_{j+1} + ... + A_i) X_j.
+        def by_group(x: torch.Tensor) -> torch.Tensor:
+            # (batch, heads, ...) -> (batch, groups, heads per group, ...), to meet B and C's groups
+            return x.unflatten(1, (groups, per_group))
+
+        # Within a chunk: Y_i += sum_{j <= i} (C_i . B_j) exp(A_{j+1} + ... + A_i) X_j. C . B is the same for all the
+        # heads of a group, so it is computed once per group.
         decay = torch.exp(_segment_sum(A_c))  # (batch, heads, chunks, Q, Q), zero above the diagonal
-        scores = torch.einsum("bcihn,bcjhn->bhcij", C_c, B_c) * decay
-        Y = torch.einsum("bhcij,bcjhp->bcihp", scores, X_c)
+        scores = C_c @ B_c.transpose(-1, -2)  # (batch, groups, chunks, Q, Q)
+        Y = (by_group(decay) * scores[:, :, None]).flatten(1, 2) @ X_c  # (batch, heads, chunks, Q, head_dim)
 
         # Each chunk's own final state, from a zero state: sum_j exp(A_{j+1} + ... + A_Q) X_j (outer) B_j.
-        decay_to_end = decay[..., -1, :]  # (batch, heads, chunks, Q): the last row of the segment sums
-        chunk_states = torch.einsum("bcjhn,bhcj,bcjhp->bchpn", B_c, decay_to_end, X_c)
+        decay_to_end = decay[..., -1, :, None]  # (batch, heads, chunks, Q, 1): the last row of the segment sums
+        weighted = by_group((X_c * decay_to_end).transpose(-1, -2))  # (batch, groups, per group, chunks, P, Q)
+        chunk_states = (weighted @ B_c[:, :, None]).flatten(1, 2)  # (batch, heads, chunks, head_dim, d_state)
 
         # Between chunks: the state entering each chunk, from the initial state and all earlier chunks.
         if initial_states is None:
-            initial_states = X.new_zeros(batch, heads, head_dim, B.shape[-1], dtype=compute)
-        states = torch.cat([initial_states.to(compute)[:, None], chunk_states], dim=1)  # (batch, 1 + chunks, ...)
+            initial_states = X.new_zeros(batch, heads, head_dim, d_state, dtype=compute)
+        states = torch.cat([initial_states.to(compute)[:, :, None], chunk_states], dim=2)  # (.., 1 + chunks, P, N)
         chunk_totals = F.pad(A_c.sum(-1), (1, 0))  # (batch, heads, 1 + chunks): a chunk's summed log-decay
         chunk_decay = torch.exp(_segment_sum(chunk_totals))  # (batch, heads, 1 + chunks, 1 + chunks)
-        states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
-        entering, final_state = states[:, :-1], states[:, -1]
+        # (batch, heads, 1 + chunks, head_dim * d_state) -> (batch, heads, 1 + chunks, head_dim, d_state)
+        states = (chunk_decay @ states.flatten(3)).unflatten(3, (head_dim, d_state))
+        entering, final_state = states[:, :, :-1], states[:, :, -1]
 
         # The entering state read out at step i of a chunk, decayed by exp(A_1 + ... + A_i) (a cumsum of <= Q terms
         # that starts at the chunk's first step).
-        decay_from_start = torch.exp(torch.cumsum(A_c, dim=-1))  # (batch, heads, chunks, Q)
-        Y = Y + torch.einsum("bcihn,bchpn,bhci->bcihp", C_c, entering, decay_from_start)
+        decay_from_start = torch.exp(torch.cumsum(A_c, dim=-1))[..., None]  # (batch, heads, chunks, Q, 1)
+        read = C_c[:, :, None] @ by_group(entering).transpose(-1, -2)  # (batch, groups, per group, chunks, Q, P)
+        Y = Y + read.flatten(1, 2) * decay_from_start
 
-    # (batch, chunks, Q, heads, head_dim) -> (batch, L, heads, head_dim)
-    Y = Y.reshape(batch, chunks * chunk_size, heads, head_dim)[:, :length]
+    # (batch, heads, chunks, Q, head_dim) -> (batch, chunks, Q, heads, head_dim) -> (batch, L, heads, head_dim)
+    Y = Y.permute(0, 2, 3, 1, 4).reshape(batch, chunks * chunk_size, heads, head_dim)[:, :length]
     return Y.to(out_dtype), final_state
 
 
