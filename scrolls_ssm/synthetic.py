@@ -21,6 +21,7 @@ given seed. See docs/demo.md.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import tempfile
@@ -256,13 +257,15 @@ def _contract_nli_example(rng: random.Random, doc_words: int, num_distractors: i
     return f"{hypothesis}\n\nNON-DISCLOSURE AGREEMENT\n{numbered}", label
 
 
-def _rows(task: str, split: str, count: int, doc_words: int, num_distractors: int, seed: int) -> Iterator[dict]:
+def _rows(
+    task: str, split: str, count: int, words: tuple[int, int], num_distractors: int, seed: int
+) -> Iterator[dict]:
     """The rows of one split. Every row has its own generator, so a row never depends on how many rows are written
     (more training rows extend a split, other splits stay the same). contract_nli labels come in shuffled blocks of
     all three, so any prefix of a split is balanced to within one."""
     for index in range(count):
         rng = random.Random(f"{seed}/{task}/{split}/{index}")
-        length = rng.randint(doc_words * 4 // 5, doc_words * 6 // 5)  # lengths vary, as real documents do
+        length = round(math.exp(rng.uniform(math.log(words[0]), math.log(words[1]))))
         if task == "gov_report":
             text, output = _gov_report_example(rng, length, num_distractors)
         elif task == "qasper":
@@ -281,22 +284,31 @@ def write_synthetic_scrolls(
     num_validation: int = 100,
     num_test: int = 100,
     doc_words: int = 1500,
+    min_train_doc_words: int | None = None,
     num_distractors: int = 2,
     tasks: Sequence[str] = SYNTHETIC_TASKS,
     seed: int = 0,
 ) -> Path:
     """Write `<out_dir>/<task>/{train,validation,test}.jsonl` in the SCROLLS format and return `out_dir`.
 
-    doc_words: mean document length in words (each document draws from 0.8x-1.2x of it); with the demo
-    tokenizer a word is ~1.15 tokens. num_distractors: facts of the same form as the answer's (other projects'
-    code names, other agencies' findings, clauses on other actions), which a model must tell apart from the
-    queried one. Test rows have `output: null`, as in SCROLLS.
+    doc_words: typical document length in words: validation and test documents draw theirs from 0.8x-1.2x of it
+    (with the demo tokenizer a word is ~1.15 tokens). min_train_doc_words: training documents draw theirs
+    log-uniformly from this to 1.2 x doc_words instead (None: like the others). A model trained from scratch
+    learns to find a fact far sooner in short documents, where attention to it is not diluted over thousands of
+    positions, and carries that over to long ones; the long training documents train the far positions.
+    num_distractors: facts of the same form as the answer's (other projects' code names, other agencies' findings,
+    clauses on other actions), which a model must tell apart from the queried one. Test rows have `output: null`,
+    as in SCROLLS.
     """
     unknown = [task for task in tasks if task not in SYNTHETIC_TASKS]
     if unknown:
         raise ValueError(f"no synthetic version of task(s) {unknown}; synthetic tasks: {', '.join(SYNTHETIC_TASKS)}.")
-    if doc_words < 100:
-        raise ValueError(f"doc_words={doc_words} is too short to hide facts in; use at least 100.")
+    shortest = min(doc_words, min_train_doc_words or doc_words)
+    if shortest < 50:
+        raise ValueError(
+            f"doc_words={doc_words}, min_train_doc_words={min_train_doc_words}: documents need at least 50 words "
+            "to hide facts in."
+        )
     limits = {"gov_report": len(_AGENCIES) - 1, "qasper": len(_CODE_NAMES) - 1, "contract_nli": len(_ACTIONS) - 2}
     if not 0 <= num_distractors <= min(limits[task] for task in tasks):
         raise ValueError(
@@ -308,10 +320,12 @@ def write_synthetic_scrolls(
     for task in tasks:
         (out / task).mkdir(parents=True, exist_ok=True)
         for split, count in sizes.items():
+            low = min_train_doc_words if split == "train" and min_train_doc_words is not None else doc_words * 4 // 5
+            words = (low, doc_words * 6 // 5)
             path = out / task / f"{split}.jsonl"
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             with open(tmp, "w", encoding="utf-8") as handle:
-                for row in _rows(task, split, count, doc_words, num_distractors, seed):
+                for row in _rows(task, split, count, words, num_distractors, seed):
                     handle.write(json.dumps(row) + "\n")
             os.replace(tmp, path)  # a reader never sees a half-written split
     return out

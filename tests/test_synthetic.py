@@ -131,11 +131,27 @@ def test_baselines_are_low_on_the_demo_data(data_dir, tmp_path):
     assert naive_baseline("contract_nli", train, references)["exact_match"] == pytest.approx(100 / 3, abs=0.01)
 
 
+def test_short_training_documents_leave_evaluation_alone(tmp_path):
+    def words(out, split):
+        rows = _load(out, "qasper", split, tmp_path)
+        return [len(text.split()) for text in rows["input"]]
+
+    plain = write_synthetic_scrolls(tmp_path / "plain", 20, 4, 1, doc_words=400, tasks=["qasper"])
+    mixed = write_synthetic_scrolls(
+        tmp_path / "mixed", 20, 4, 1, doc_words=400, min_train_doc_words=60, tasks=["qasper"]
+    )
+    assert min(words(plain, "train")) > 300 and min(words(mixed, "train")) < 200
+    assert max(words(mixed, "train")) <= 1.2 * 400 + 60  # the question, the facts and the last sentence add some
+    assert (plain / "qasper" / "validation.jsonl").read_text() == (mixed / "qasper" / "validation.jsonl").read_text()
+
+
 def test_invalid_arguments(tmp_path):
     with pytest.raises(ValueError, match="narrative_qa"):
         write_synthetic_scrolls(tmp_path, tasks=["narrative_qa"])
     with pytest.raises(ValueError, match="num_distractors"):
         write_synthetic_scrolls(tmp_path, num_distractors=99)
+    with pytest.raises(ValueError, match="at least 50 words"):
+        write_synthetic_scrolls(tmp_path, min_train_doc_words=10)
 
 
 def test_tokenizer_round_trip(data_dir, tmp_path):
