@@ -158,7 +158,7 @@ def train(cfg: RunConfig) -> dict:
             _evaluate(cfg, accelerator, model, tokenizer, collator, eval_sets, state, out)
             save_checkpoint(accelerator, out, state, cfg)
     progress.close()
-    if not (out / "model" / "config.json").is_file():  # e.g. max_steps=0: still hand over a usable model
+    if not state.evaluations:  # no training step (evaluate / predict, max_steps=0): the model as it came in
         _save_model(accelerator, model, tokenizer, cfg, out)
     accelerator.wait_for_everyone()
 

@@ -159,3 +159,23 @@ def test_two_processes_train_and_gather_every_id_once(setup, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["contract_nli"]["validation"]["num_predicted"] == 9
     assert AutoModelForSeq2SeqLM.from_pretrained(out / "model") is not None
+
+
+def test_evaluate_command_reproduces_the_runs_metrics(setup, tmp_path):
+    """`scrolls-ssm evaluate` on a trained model gives the metrics its run reported; a second evaluation into the
+    same folder scores the newly given model, not the one left there."""
+    from scrolls_ssm.cli import main
+
+    base, data, root = setup
+    run = tmp_path / "run"
+    results = train(load_run_config(None, overrides(base, data, run, "train.max_steps=3")))
+    evaluated = tmp_path / "evaluated"
+    common = ["--output-dir", str(evaluated), f"data.data_dir={data}", "data.tasks=[contract_nli]"]
+    assert main(["evaluate", "--model", str(run / "model"), *common]) == 0
+    assert json.loads((evaluated / "metrics.json").read_text()) == {"contract_nli": results["contract_nli"]}
+    # An untrained swap of the same base predicts differently: its metrics must replace the first ones.
+    untrained = tmp_path / "untrained"
+    train(load_run_config(None, overrides(base, data, untrained, "train.max_steps=0")))
+    assert main(["evaluate", "--model", str(untrained / "model"), *common]) == 0
+    predictions = json.loads((evaluated / "predictions" / "validation" / "contract_nli.json").read_text())
+    assert predictions == json.loads((untrained / "predictions" / "validation" / "contract_nli.json").read_text())
