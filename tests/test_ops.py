@@ -315,3 +315,21 @@ def test_causal_conv1d_matches_direct_sum(activation):
     torch.testing.assert_close(ops.causal_conv1d(x, weight, bias, activation), expected)
     with pytest.raises(ValueError, match="activation must be None or 'silu'"):
         ops.causal_conv1d(x, weight, bias, "relu")
+
+
+# ---------------------------------------------------------------------------------------------- kernel dispatch
+def test_kernel_refusals_name_the_reason_and_warn_once(monkeypatch):
+    """The CUDA kernels' capability checks (no GPU needed) and the one-warning-per-kernel fallback."""
+    inputs = _scan_inputs("variable", dtype=torch.float32)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    assert ops._selective_scan_refusal(*args) is None
+    args[2] = inputs["A"].double()
+    assert "A, D and delta_bias must be float32" in ops._selective_scan_refusal(*args)
+    x = torch.zeros(1, 4, 2, 3)
+    assert "power of two" in ops._chunk_scan_refusal(x, x[..., 0], torch.zeros(2), x, x, chunk_size=48)
+    warnings = []
+    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(ops.logger, "warning", warnings.append)
+    ops._fall_back("some kernel", "reason one")
+    ops._fall_back("some kernel", "reason two")
+    assert len(warnings) == 1 and "some kernel cannot serve this call (reason one)" in warnings[0]
