@@ -177,5 +177,7 @@ def test_evaluate_command_reproduces_the_runs_metrics(setup, tmp_path):
     untrained = tmp_path / "untrained"
     train(load_run_config(None, overrides(base, data, untrained, "train.max_steps=0")))
     assert main(["evaluate", "--model", str(untrained / "model"), *common]) == 0
-    predictions = json.loads((evaluated / "predictions" / "validation" / "contract_nli.json").read_text())
-    assert predictions == json.loads((untrained / "predictions" / "validation" / "contract_nli.json").read_text())
+    scored, given = (load_file(d / "model" / "model.safetensors") for d in (evaluated, untrained))
+    assert scored.keys() == given.keys() and all(torch.equal(scored[k], given[k]) for k in scored)
+    trained = load_file(run / "model" / "model.safetensors")
+    assert not all(torch.equal(scored[k], trained[k]) for k in scored)
