@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PreTr
 from .config import ModelConfig, RunConfig
 from .configuration_scrolls_ssm import ScrollsSSMConfig
 from .convert import load_tokenizer, swap_encoder
+from .mixer_base import optim_hints
 from .modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
 
 
@@ -79,11 +80,12 @@ def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> S
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     """AdamW with three kinds of group: decayed weights, undecayed biases / norms / embeddings' padding-free
     vectors, and the state-space parameters that carry an `_optim` hint (their own lr, no weight decay)."""
+    hints = optim_hints(model)
     decay, no_decay, hinted = [], [], {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        hint = getattr(parameter, "_optim", None)
+        hint = hints.get(name)
         if hint is not None:
             key = tuple(sorted(hint.items()))
             hinted.setdefault(key, []).append(parameter)

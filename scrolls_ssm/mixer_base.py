@@ -15,7 +15,8 @@ A mixer is an `nn.Module` built as `Mixer(config, layer_idx)` and called as
   `init_mixer_weights()`. It runs after its submodules got the generic init and must write tensors through
   `transformers.initialization` so that weights loaded from a checkpoint are left alone.
 - Parameters that want their own optimizer treatment (state-space parameters: own learning rate, no weight decay)
-  carry the attribute `_optim = {"lr": ..., "weight_decay": 0.0}`; the optimizer builder reads it.
+  are named with `set_optim_hint(mixer, "log_dt", lr=...)`; `optim_hints(model)` collects them for the optimizer
+  builder. The hint lives on the module, keyed by name, because loading a checkpoint replaces Parameter objects.
 """
 
 from __future__ import annotations
@@ -32,10 +33,19 @@ def zero_padding(hidden_states: torch.Tensor, attention_mask: torch.Tensor | Non
     return hidden_states * mask.view(*mask.shape, *([1] * (hidden_states.dim() - 2)))
 
 
-def set_optim_hint(parameter: nn.Parameter, lr: float | None = None, weight_decay: float = 0.0) -> nn.Parameter:
-    """Marks a parameter for its own optimizer group (see the module docstring)."""
+def set_optim_hint(module: nn.Module, name: str, lr: float | None = None, weight_decay: float = 0.0) -> None:
+    """Puts `module.<name>` (a parameter, possibly of a submodule: "dt_proj.bias") in its own optimizer group with
+    this learning rate (None: the run's) and weight decay."""
     hint = {"weight_decay": weight_decay}
     if lr is not None:
         hint["lr"] = lr
-    parameter._optim = hint
-    return parameter
+    module.__dict__.setdefault("_optim_hints", {})[name] = hint
+
+
+def optim_hints(model: nn.Module) -> dict[str, dict]:
+    """`{parameter name in model: hint}` for every parameter marked with `set_optim_hint`."""
+    return {
+        f"{prefix}.{name}" if prefix else name: hint
+        for prefix, module in model.named_modules()
+        for name, hint in module.__dict__.get("_optim_hints", {}).items()
+    }

@@ -55,9 +55,9 @@ class MambaDirection(nn.Module):
         self.dt_proj = nn.Linear(dt_rank, d_inner)  # its bias is the scan's delta_bias
         self.A_log = nn.Parameter(torch.empty(d_inner, self.d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
-        set_optim_hint(self.A_log, lr=config.ssm_lr)
-        set_optim_hint(self.dt_proj.bias, lr=config.ssm_lr)
-        set_optim_hint(self.D)  # no weight decay, the run's learning rate
+        set_optim_hint(self, "A_log", lr=config.ssm_lr)
+        set_optim_hint(self, "dt_proj.bias", lr=config.ssm_lr)
+        set_optim_hint(self, "D")  # no weight decay, the run's learning rate
         self.init_mixer_weights()
 
     def init_mixer_weights(self) -> None:

@@ -61,9 +61,12 @@ class BiMamba2Mixer(nn.Module):
         self.in_proj = nn.Linear(config.d_model, self.d_inner + conv_width + self.heads, bias=False)
         # applied causally by ops.causal_conv1d
         self.conv1d = nn.Conv1d(conv_width, conv_width, config.mamba2_d_conv, groups=conv_width)
-        self.dt_bias = set_optim_hint(nn.Parameter(torch.empty(self.heads)), lr=config.ssm_lr)
-        self.A_log = set_optim_hint(nn.Parameter(torch.empty(self.heads)), lr=config.ssm_lr)
-        self.D = set_optim_hint(nn.Parameter(torch.empty(self.heads)))  # no weight decay, the run's learning rate
+        self.dt_bias = nn.Parameter(torch.empty(self.heads))
+        self.A_log = nn.Parameter(torch.empty(self.heads))
+        self.D = nn.Parameter(torch.empty(self.heads))
+        set_optim_hint(self, "dt_bias", lr=config.ssm_lr)
+        set_optim_hint(self, "A_log", lr=config.ssm_lr)
+        set_optim_hint(self, "D")  # no weight decay, the run's learning rate
         self.norm = GatedRMSNorm(self.d_inner)
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=False)
         self.init_mixer_weights()

@@ -34,9 +34,11 @@ class BidirectionalS4D(nn.Module):
         self.dt_min, self.dt_max = config.ssm_dt_min, config.ssm_dt_max
         half = d_state // 2
         # The dynamics (dt, A) learn with their own rate and no weight decay, as in the S4 repository.
-        self.log_dt = set_optim_hint(nn.Parameter(torch.empty(channels)), lr=config.ssm_lr)
-        self.log_A_real = set_optim_hint(nn.Parameter(torch.empty(channels, half)), lr=config.ssm_lr)
-        self.A_imag = set_optim_hint(nn.Parameter(torch.empty(channels, half)), lr=config.ssm_lr)
+        self.log_dt = nn.Parameter(torch.empty(channels))
+        self.log_A_real = nn.Parameter(torch.empty(channels, half))
+        self.A_imag = nn.Parameter(torch.empty(channels, half))
+        for name in ("log_dt", "log_A_real", "A_imag"):
+            set_optim_hint(self, name, lr=config.ssm_lr)
         # C of the forward and of the backward direction, complex stored as (real, imag) pairs.
         self.C = nn.Parameter(torch.empty(2, channels, half, 2))
         self.D = nn.Parameter(torch.empty(channels))

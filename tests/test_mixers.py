@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from scrolls_ssm.configuration_scrolls_ssm import MIXER_KINDS, ScrollsSSMConfig
+from scrolls_ssm.mixer_base import optim_hints
 from scrolls_ssm.mixers import MIXERS, build_mixer
 
 D_MODEL = 32
@@ -145,6 +146,7 @@ def test_bfloat16_autocast_stays_close_to_float32(kind, overrides):
 def test_ssm_dynamics_carry_optimizer_hint(kind):
     """dt / A parameters learn at `ssm_lr`; every hinted parameter skips weight decay."""
     mixer = make_mixer(kind, {"ssm_lr": 2e-3})
-    hints = {name: p._optim for name, p in mixer.named_parameters() if hasattr(p, "_optim")}
+    hints = optim_hints(mixer)
+    assert set(hints) <= {name for name, _ in mixer.named_parameters()}, hints
     assert any(hint.get("lr") == 2e-3 for hint in hints.values()), hints
     assert all(hint["weight_decay"] == 0.0 and hint.get("lr", 2e-3) == 2e-3 for hint in hints.values()), hints

@@ -277,3 +277,26 @@ def test_16k_token_forward_and_backward_of_a_tiny_model():
     loss.backward()
     assert torch.isfinite(loss)
     assert model.model.encoder.embed_positions.weight.grad[2 + 16000].abs().sum() > 0
+
+
+def test_optimizer_groups_keep_ssm_hints_after_save_and_load(tmp_path):
+    """SSM dynamics train at `ssm_lr` without weight decay, also for a model loaded from disk (loading replaces the
+    Parameter objects, so the hints must not live on them)."""
+    from scrolls_ssm.build import build_optimizer
+    from scrolls_ssm.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.train.learning_rate, cfg.train.weight_decay = 1e-4, 0.01
+    model = tiny_model(encoder_layer_types=["s4d", "mamba2"], ssm_lr=3e-3, mamba2_headdim=16)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    for candidate in (model, loaded):
+        groups = build_optimizer(candidate, cfg).param_groups
+        by_param = {id(p): g for g in groups for p in g["params"]}
+        s4d, mamba2 = candidate.model.encoder.layers[0].mixer, candidate.model.encoder.layers[1].mixer
+        for parameter in (s4d.ssm.log_dt, s4d.ssm.A_imag, mamba2.A_log, mamba2.dt_bias):
+            assert (by_param[id(parameter)]["lr"], by_param[id(parameter)]["weight_decay"]) == (3e-3, 0.0)
+        assert (by_param[id(mamba2.D)]["lr"], by_param[id(mamba2.D)]["weight_decay"]) == (1e-4, 0.0)
+        fc1 = candidate.model.encoder.layers[0].fc1
+        assert by_param[id(fc1.weight)]["weight_decay"] == 0.01 and by_param[id(fc1.bias)]["weight_decay"] == 0.0
+        assert sum(len(g["params"]) for g in groups) == len(list(candidate.parameters()))
