@@ -206,8 +206,9 @@ def _paragraphs(sentences: Sequence[str], rng: random.Random) -> str:
 # --- the three tasks ------------------------------------------------------------------------------------------------
 
 
-def _gov_report_example(rng: random.Random, doc_words: int, num_distractors: int) -> tuple[str, str]:
-    """A report of several sections; agency in section 1, finding in the last, distractor findings in between."""
+def _gov_report_example(rng: random.Random, doc_words: int, num_distractors: int, mentions: int) -> tuple[str, str]:
+    """A report of several sections; agency in section 1, finding in the last, distractor findings in between.
+    With `mentions` > 1 the agency is named again in later sections and the finding restated in the last one."""
     agency, *other_agencies = rng.sample(_AGENCIES, 1 + num_distractors)
     topic = rng.choice(_TOPICS)
     finding = f"{rng.choice(_SUBJECTS)} {rng.choice(_CHANGES)}"
@@ -215,20 +216,23 @@ def _gov_report_example(rng: random.Random, doc_words: int, num_distractors: int
     section_words = doc_words // num_sections
     sections = [_filler(rng, section_words) for _ in range(num_sections)]
     _plant(rng, sections[0], [f"This report was prepared by the {agency}."], 0.0)
+    for _ in range(mentions - 1):
+        _plant(rng, sections[rng.randint(1, num_sections - 1)], [f"The {agency} reviewed this section."], 0.0)
     middle = [
         f"An earlier review by the {other} had found that {rng.choice(_SUBJECTS)} {rng.choice(_CHANGES)}."
         for other in other_agencies
     ]
     for fact in middle:
         _plant(rng, sections[rng.randint(1, num_sections - 2)], [fact], 0.0)
-    _plant(rng, sections[-1], [f"In conclusion, the review finds that {finding}."], 0.3)
+    _plant(rng, sections[-1], [f"In conclusion, the review finds that {finding}."] * mentions, 0.3)
     body = "\n".join(f"Section {index + 1}.\n{_paragraphs(section, rng)}" for index, section in enumerate(sections))
     title = f"A review of {topic}."
     return f"{title}\n{body}", f"The {agency} report on {topic} finds that {finding}."
 
 
-def _qasper_example(rng: random.Random, doc_words: int, num_distractors: int) -> tuple[str, str]:
-    """One project's code name planted among `num_distractors` other projects' code names."""
+def _qasper_example(rng: random.Random, doc_words: int, num_distractors: int, mentions: int) -> tuple[str, str]:
+    """One project's code name planted among `num_distractors` other projects' code names, each stated
+    `mentions` times."""
     entities = rng.sample(_ENTITIES, 1 + num_distractors)
     code_names = rng.sample(_CODE_NAMES, 1 + num_distractors)
     facts = [
@@ -236,21 +240,24 @@ def _qasper_example(rng: random.Random, doc_words: int, num_distractors: int) ->
         for entity, code in zip(entities, code_names, strict=True)
     ]
     sentences = _filler(rng, doc_words)
-    _plant(rng, sentences, facts, 0.25)
+    _plant(rng, sentences, facts * mentions, 0.25)
     question = f"What is the code name of the {entities[0]} project?"
     return f"{question}\n\n{_paragraphs(sentences, rng)}", code_names[0]
 
 
-def _contract_nli_example(rng: random.Random, doc_words: int, num_distractors: int, label: str) -> tuple[str, str]:
-    """A contract with 1 + `num_distractors` clauses on distinct actions; `label` decides whether one of them is on
-    the hypothesis' action and with which modal. The clause count is the same for every label, so it leaks nothing."""
+def _contract_nli_example(
+    rng: random.Random, doc_words: int, num_distractors: int, mentions: int, label: str
+) -> tuple[str, str]:
+    """A contract with 1 + `num_distractors` clauses on distinct actions, each stated `mentions` times; `label`
+    decides whether one of them is on the hypothesis' action and with which modal. The clause count is the same for
+    every label, so it leaks nothing."""
     hypothesis_action, unrelated_action, *other_actions = rng.sample(_ACTIONS, 2 + num_distractors)
     key_action = unrelated_action if label == "Not mentioned" else hypothesis_action
     key_modal = {"Entailment": "may", "Contradiction": "shall not"}.get(label, rng.choice(("may", "shall not")))
     clauses = [f"{_PARTY} {key_modal} {key_action}."]
     clauses += [f"{_PARTY} {rng.choice(('may', 'shall not'))} {action}." for action in other_actions]
     sentences = _filler(rng, doc_words)
-    _plant(rng, sentences, clauses, 0.25)
+    _plant(rng, sentences, clauses * mentions, 0.25)
     body = _paragraphs(sentences, rng)
     numbered = "\n".join(f"{index + 1}. {line}" for index, line in enumerate(body.split("\n")))
     hypothesis = f"{_PARTY} may {hypothesis_action}."
@@ -258,7 +265,7 @@ def _contract_nli_example(rng: random.Random, doc_words: int, num_distractors: i
 
 
 def _rows(
-    task: str, split: str, count: int, words: tuple[int, int], num_distractors: int, seed: int
+    task: str, split: str, count: int, words: tuple[int, int], num_distractors: int, mentions: int, seed: int
 ) -> Iterator[dict]:
     """The rows of one split. Every row has its own generator, so a row never depends on how many rows are written
     (more training rows extend a split, other splits stay the same). contract_nli labels come in shuffled blocks of
@@ -267,13 +274,13 @@ def _rows(
         rng = random.Random(f"{seed}/{task}/{split}/{index}")
         length = round(math.exp(rng.uniform(math.log(words[0]), math.log(words[1]))))
         if task == "gov_report":
-            text, output = _gov_report_example(rng, length, num_distractors)
+            text, output = _gov_report_example(rng, length, num_distractors, mentions)
         elif task == "qasper":
-            text, output = _qasper_example(rng, length, num_distractors)
+            text, output = _qasper_example(rng, length, num_distractors, mentions)
         else:
             block = list(NLI_LABELS)
             random.Random(f"{seed}/{task}/{split}/labels/{index // len(block)}").shuffle(block)
-            text, output = _contract_nli_example(rng, length, num_distractors, block[index % len(block)])
+            text, output = _contract_nli_example(rng, length, num_distractors, mentions, block[index % len(block)])
         id_ = f"{task}-{split}-{index:05d}"
         yield {"id": id_, "pid": f"{id_}_0", "input": text, "output": None if split == "test" else output}
 
@@ -286,6 +293,7 @@ def write_synthetic_scrolls(
     doc_words: int = 1500,
     min_train_doc_words: int | None = None,
     num_distractors: int = 2,
+    mentions: int = 1,
     tasks: Sequence[str] = SYNTHETIC_TASKS,
     seed: int = 0,
 ) -> Path:
@@ -297,9 +305,14 @@ def write_synthetic_scrolls(
     learns to find a fact far sooner in short documents, where attention to it is not diluted over thousands of
     positions, and carries that over to long ones; the long training documents train the far positions.
     num_distractors: facts of the same form as the answer's (other projects' code names, other agencies' findings,
-    clauses on other actions), which a model must tell apart from the queried one. Test rows have `output: null`,
-    as in SCROLLS.
+    clauses on other actions), which a model must tell apart from the queried one. mentions: how often each fact
+    is stated (all of them far from the query, past the first quarter of the document; the finding in the last
+    section): a fact stated once is a single needle whose gradient, through untrained attention, is diluted over
+    thousands of positions; a few restatements let a small model learn to find facts within minutes. Test rows
+    have `output: null`, as in SCROLLS.
     """
+    if mentions < 1:
+        raise ValueError(f"mentions={mentions}: each fact must be stated at least once.")
     unknown = [task for task in tasks if task not in SYNTHETIC_TASKS]
     if unknown:
         raise ValueError(f"no synthetic version of task(s) {unknown}; synthetic tasks: {', '.join(SYNTHETIC_TASKS)}.")
@@ -325,7 +338,7 @@ def write_synthetic_scrolls(
             path = out / task / f"{split}.jsonl"
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             with open(tmp, "w", encoding="utf-8") as handle:
-                for row in _rows(task, split, count, words, num_distractors, seed):
+                for row in _rows(task, split, count, words, num_distractors, mentions, seed):
                     handle.write(json.dumps(row) + "\n")
             os.replace(tmp, path)  # a reader never sees a half-written split
     return out

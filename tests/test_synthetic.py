@@ -145,6 +145,26 @@ def test_short_training_documents_leave_evaluation_alone(tmp_path):
     assert (plain / "qasper" / "validation.jsonl").read_text() == (mixed / "qasper" / "validation.jsonl").read_text()
 
 
+def test_mentions_restate_each_fact_far_from_the_query(tmp_path):
+    out = write_synthetic_scrolls(tmp_path / "m", 9, 3, 1, doc_words=400, num_distractors=1, mentions=3)
+    for row in _load(out, "qasper", "train", tmp_path):
+        question, document = row["input"].split("\n\n", 1)
+        entity = re.search(r"of the (.+) project\?", question).group(1)
+        facts = [
+            m.start() for m in re.finditer(rf"The {entity} project carries the code name {row['output']}\.", document)
+        ]
+        assert len(facts) == 3 and min(facts) > len(document) // 5
+        assert len(re.findall(r"carries the code name", document)) == 6  # the distractor project too
+    for row in _load(out, "contract_nli", "train", tmp_path):
+        clauses = re.findall(r"The Receiving Party (?:may|shall not) [^.]+\.", row["input"].split("\n\n", 1)[1])
+        assert len(clauses) == 6 and all(clauses.count(clause) == 3 for clause in clauses)
+    for row in _load(out, "gov_report", "train", tmp_path):
+        agency = re.match(r"The (.+) report on", row["output"]).group(1)
+        assert row["input"].count(agency) == 3  # "prepared by the ..." + two "The ... reviewed this section."
+        finding = row["output"].split(" finds that ")[1]
+        assert row["input"].count(f"In conclusion, the review finds that {finding}") == 3
+
+
 def test_invalid_arguments(tmp_path):
     with pytest.raises(ValueError, match="narrative_qa"):
         write_synthetic_scrolls(tmp_path, tasks=["narrative_qa"])
@@ -152,6 +172,8 @@ def test_invalid_arguments(tmp_path):
         write_synthetic_scrolls(tmp_path, num_distractors=99)
     with pytest.raises(ValueError, match="at least 50 words"):
         write_synthetic_scrolls(tmp_path, min_train_doc_words=10)
+    with pytest.raises(ValueError, match="mentions=0"):
+        write_synthetic_scrolls(tmp_path, mentions=0)
 
 
 def test_tokenizer_round_trip(data_dir, tmp_path):
