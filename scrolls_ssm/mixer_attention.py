@@ -55,6 +55,13 @@ class AttentionMixer(nn.Module):
         return self.out_proj(out.reshape(batch, seq, self.embed_dim))
 
     def _full(self, hidden_states, q, k, v, attention_mask):
+        if self.config._attn_implementation is None:
+            # Built from a bare config, outside a model: no implementation was chosen, and transformers' mask
+            # builder would return no mask at all. Plain SDPA with a key mask keeps padding exact.
+            key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+            dropout = self.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout, scale=self.scaling)
+            return out.transpose(1, 2)  # (batch, seq, heads, head_dim)
         mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
         )

@@ -300,3 +300,19 @@ def test_optimizer_groups_keep_ssm_hints_after_save_and_load(tmp_path):
         fc1 = candidate.model.encoder.layers[0].fc1
         assert by_param[id(fc1.weight)]["weight_decay"] == 0.01 and by_param[id(fc1.bias)]["weight_decay"] == 0.0
         assert sum(len(g["params"]) for g in groups) == len(list(candidate.parameters()))
+
+
+@pytest.mark.parametrize("implementation", [None, "eager", "sdpa"])
+def test_attention_mixer_is_padding_exact_whatever_the_implementation(implementation):
+    """Also when built from a bare config outside a model, where no attention implementation was chosen."""
+    from scrolls_ssm.mixer_attention import AttentionMixer
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    config._attn_implementation = implementation
+    mixer = AttentionMixer(config, layer_idx=0).eval()
+    hidden = torch.randn(1, 10, 32)
+    padded = torch.cat([hidden, 100 * torch.randn(1, 6, 32)], dim=1)
+    mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 6)], dim=1).long()
+    with torch.no_grad():
+        torch.testing.assert_close(mixer(padded, mask)[:, :10], mixer(hidden, torch.ones(1, 10).long()))
