@@ -183,8 +183,12 @@ def _materialize_data(cfg: RunConfig) -> str | None:
         raise RunConfigError("data.synthetic needs data.data_dir: the folder the synthetic dataset is written to.")
     from .synthetic import write_synthetic_scrolls
 
-    if not all((Path(cfg.data.data_dir) / task / "train.jsonl").is_file() for task in cfg.data.tasks):
+    # The settings are kept beside the data: the same settings reuse it, other settings write it anew.
+    marker = Path(cfg.data.data_dir) / "synthetic.json"
+    settings = json.dumps(cfg.data.synthetic, sort_keys=True)
+    if not marker.is_file() or marker.read_text() != settings:
         write_synthetic_scrolls(cfg.data.data_dir, **cfg.data.synthetic)
+        write_text_atomic(marker, settings)
     return cfg.data.data_dir
 
 

@@ -181,3 +181,18 @@ def test_evaluate_command_reproduces_the_runs_metrics(setup, tmp_path):
     assert scored.keys() == given.keys() and all(torch.equal(scored[k], given[k]) for k in scored)
     trained = load_file(run / "model" / "model.safetensors")
     assert not all(torch.equal(scored[k], trained[k]) for k in scored)
+
+
+def test_synthetic_data_is_rewritten_when_its_settings_change(tmp_path):
+    from scrolls_ssm.train import _materialize_data
+
+    data = tmp_path / "data"
+    settings = ["data.tasks=[qasper]", "data.synthetic={num_train: 6, num_validation: 3, num_test: 3, doc_words: 120}"]
+    cfg = load_run_config(None, [f"data.data_dir={data}", *settings])
+    _materialize_data(cfg)
+    first = (data / "qasper" / "train.jsonl").read_text()
+    _materialize_data(cfg)  # same settings: reused as is
+    assert (data / "qasper" / "train.jsonl").read_text() == first
+    cfg.data.synthetic["num_train"] = 9
+    _materialize_data(cfg)
+    assert len((data / "qasper" / "train.jsonl").read_text().splitlines()) == 9
