@@ -201,8 +201,22 @@ def _merge(target: Any, tree: dict[str, Any], prefix: str, source: str) -> None:
             if not isinstance(value, dict):
                 raise RunConfigError(f"{dotted!r} in {source} is a section; give it a mapping, not {value!r}.")
             _merge(current, value, prefix=f"{dotted}.", source=source)
+        elif isinstance(current, dict) and isinstance(value, dict):
+            # Free-form mappings (model.config, data.synthetic) merge key by key, so `model.config.d_model=128`
+            # changes one entry of the recipe's mapping instead of replacing all of it.
+            setattr(target, key, _merge_mapping(current, value))
         else:
             setattr(target, key, _coerce(value, hints[key], dotted, source))
+
+
+def _merge_mapping(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(merged.get(key), dict) and isinstance(value, dict):
+            merged[key] = _merge_mapping(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _coerce(value: Any, annotation: Any, dotted: str, source: str) -> Any:

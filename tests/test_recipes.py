@@ -84,6 +84,13 @@ def test_bad_overrides_name_the_key_and_the_fix(override, message):
         load_run_config(RECIPES / "qasper.yaml", [override])
 
 
+def test_overrides_inside_a_mapping_keep_the_recipes_other_entries():
+    cfg = load_run_config(RECIPES / "demo.yaml", ["model.config.init_std=0.1", "data.synthetic.doc_words=300"])
+    recipe = load_run_config(RECIPES / "demo.yaml")
+    assert cfg.model.config == {**recipe.model.config, "init_std": 0.1}
+    assert cfg.data.synthetic == {**recipe.data.synthetic, "doc_words": 300}
+
+
 def test_yaml_1_2_scalars():
     cfg = load_run_config(None, ["train.mixed_precision=no", "train.learning_rate=3e-4", "data.tasks=[qasper]"])
     assert cfg.train.mixed_precision == "no" and cfg.train.learning_rate == 3e-4
