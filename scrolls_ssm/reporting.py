@@ -62,7 +62,8 @@ def plot_training_curves(log_path: Path, png_path: Path) -> Path:
                     steps, values = zip(*series[name], strict=True)
                     ax.plot(steps, values, marker="o" if name == "eval/loss" else None, label=name)
             ax.set_ylabel("cross-entropy")
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:  # a run with no logged step has nothing to label
+                ax.legend()
         else:
             steps, values = zip(*series[key], strict=True)
             ax.plot(steps, values, marker="o", label="mean task score")
