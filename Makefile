@@ -19,6 +19,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python run_finetune.py --recipe recipes/demo.yaml
+	@echo "Demo outputs in runs/demo/: report.md, metrics.json, submission.csv, training_curves.png, model/"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
