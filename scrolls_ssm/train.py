@@ -14,6 +14,7 @@ any moment (even during a save) keeps its last good checkpoint.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import datasets
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -271,9 +273,7 @@ def _evaluate(cfg, accelerator, model, tokenizer, collator, eval_sets, state: Ru
 
 def _predict_and_score(cfg, accelerator, model, tokenizer, collator, eval_sets, predict_sets, out: Path) -> dict:
     results: dict = {}
-    for eval_set in [*eval_sets, *predict_sets]:
-        if eval_set.split not in cfg.data.predict_splits and eval_set.split != cfg.data.eval_split:
-            continue
+    for eval_set in [*eval_sets, *predict_sets]:  # the eval split plus every predict split, each once
         predictions = generate_predictions(
             model, eval_set, tokenizer, accelerator, collator, cfg.eval.max_tokens_per_batch, cfg.eval.num_beams
         )
@@ -338,8 +338,6 @@ def _find_checkpoint(out: Path, resume: str) -> Path:
 
 
 def _check_same_model(cfg: RunConfig, checkpoint: Path) -> None:
-    import yaml
-
     saved = yaml.safe_load((checkpoint / "run_config.yaml").read_text())
     if saved["model"] != cfg.to_dict()["model"]:
         changed = sorted(k for k in saved["model"] if saved["model"][k] != cfg.to_dict()["model"].get(k))
@@ -369,8 +367,6 @@ def _save_model(accelerator: Accelerator, model, tokenizer, cfg: RunConfig, out:
 
 
 def _trackers(out: Path) -> list:
-    import importlib.util
-
     trackers: list = [JSONLTracker(out / "log.jsonl")]
     if importlib.util.find_spec("tensorboard") is not None:
         trackers.append("tensorboard")
