@@ -131,8 +131,8 @@ def build_encoder(config: str, size: Size, length: int) -> tuple[nn.Module, dict
         )
         return longt5.get_encoder(), {}
 
-    from scrolls_ssm.configuration_scrolls_ssm import ScrollsSSMConfig
-    from scrolls_ssm.modeling_scrolls_ssm import ScrollsSSMEncoder
+    from scrolls_ssm.modeling.configuration_scrolls_ssm import ScrollsSSMConfig
+    from scrolls_ssm.modeling.modeling_scrolls_ssm import ScrollsSSMEncoder
 
     encoder = ScrollsSSMEncoder(
         ScrollsSSMConfig(
@@ -313,11 +313,11 @@ def missing_kinds(config: str) -> str | None:
     if config not in REQUIRED_KINDS:
         return None
     try:
-        from scrolls_ssm.mixers import MIXERS
+        from scrolls_ssm.modeling.mixers import MIXERS
     except ImportError as error:
         return f"scrolls_ssm does not import: {error}"
     missing = sorted(REQUIRED_KINDS[config] - set(MIXERS))
-    return f"mixer kind(s) {missing} not registered in scrolls_ssm.mixers.MIXERS" if missing else None
+    return f"mixer kind(s) {missing} not registered in scrolls_ssm.modeling.mixers.MIXERS" if missing else None
 
 
 def run_worker(spec: dict, timeout_s: float, max_rss_bytes: int) -> dict:

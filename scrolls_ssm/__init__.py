@@ -6,10 +6,10 @@ Importing the package registers the model with transformers' Auto classes, so `A
 
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
-from .configuration_scrolls_ssm import MIXER_KINDS, ScrollsSSMConfig
+from .modeling.configuration_scrolls_ssm import MIXER_KINDS, ScrollsSSMConfig
 from .convert import load_tokenizer, swap_encoder
-from .mixers import MIXERS
-from .modeling_scrolls_ssm import (
+from .modeling.mixers import MIXERS
+from .modeling.modeling_scrolls_ssm import (
     ScrollsSSMEncoder,
     ScrollsSSMForConditionalGeneration,
     ScrollsSSMModel,

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .config import ModelConfig, RunConfig
-from .configuration_scrolls_ssm import ScrollsSSMConfig
+from .modeling.configuration_scrolls_ssm import ScrollsSSMConfig
 from .convert import load_tokenizer, swap_encoder
-from .mixer_base import optim_hints
-from .modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
+from .modeling.mixer_base import optim_hints
+from .modeling.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
 
 
 def build_tokenizer(

@@ -21,8 +21,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .configuration_scrolls_ssm import ScrollsSSMConfig
-from .modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
+from .modeling.configuration_scrolls_ssm import ScrollsSSMConfig
+from .modeling.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
 
 # model_type -> (model class, parameter prefix, example checkpoints for error messages)
 SUPPORTED_FAMILIES = {

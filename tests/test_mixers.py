@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scrolls_ssm.configuration_scrolls_ssm import MIXER_KINDS, ScrollsSSMConfig
-from scrolls_ssm.mixer_base import optim_hints
-from scrolls_ssm.mixers import MIXERS, build_mixer
+from scrolls_ssm.modeling.configuration_scrolls_ssm import MIXER_KINDS, ScrollsSSMConfig
+from scrolls_ssm.modeling.mixer_base import optim_hints
+from scrolls_ssm.modeling.mixers import MIXERS, build_mixer
 
 D_MODEL = 32
 # Every kind, plus block-local attention with a window shorter than the test sequences.

@@ -240,7 +240,7 @@ def test_block_local_equals_full_attention_when_the_window_covers_the_sequence(w
 
 
 def test_block_local_attention_matches_an_explicit_banded_mask():
-    from scrolls_ssm.mixer_attention import AttentionMixer
+    from scrolls_ssm.modeling.mixer_attention import AttentionMixer
 
     torch.manual_seed(0)
     window, seq = 4, 19
@@ -305,7 +305,7 @@ def test_optimizer_groups_keep_ssm_hints_after_save_and_load(tmp_path):
 @pytest.mark.parametrize("implementation", [None, "eager", "sdpa"])
 def test_attention_mixer_is_padding_exact_whatever_the_implementation(implementation):
     """Also when built from a bare config outside a model, where no attention implementation was chosen."""
-    from scrolls_ssm.mixer_attention import AttentionMixer
+    from scrolls_ssm.modeling.mixer_attention import AttentionMixer
 
     torch.manual_seed(0)
     config = tiny_config()

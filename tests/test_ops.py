@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scrolls_ssm import ops
-from scrolls_ssm.ops_selective_scan import selective_scan
-from scrolls_ssm.ops_ssd import ssd_scan
+from scrolls_ssm.modeling import ops
+from scrolls_ssm.modeling.ops_selective_scan import selective_scan
+from scrolls_ssm.modeling.ops_ssd import ssd_scan
 
 
 def _seeded(seed: int = 0) -> torch.Generator:

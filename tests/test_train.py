@@ -119,7 +119,7 @@ def test_resume_ignores_half_written_checkpoints_and_refuses_another_model(setup
 
 
 def test_non_finite_loss_skips_the_step_and_counts_it(setup, tmp_path, monkeypatch):
-    from scrolls_ssm.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
+    from scrolls_ssm.modeling.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
 
     base, data, _ = setup
     original = ScrollsSSMForConditionalGeneration.forward

@@ -1,0 +1,28 @@
+"""The model: what `save_pretrained` copies next to a checkpoint for `trust_remote_code` users.
+
+The files here are flat and import each other relatively (transformers' remote-code loader resolves `from .x import`
+only inside one folder), and they import nothing else from this package: the toolkit imports the model, never the
+reverse.
+"""
+
+from .configuration_scrolls_ssm import MIXER_KINDS, ScrollsSSMConfig
+from .mixers import MIXERS, build_mixer
+from .modeling_scrolls_ssm import (
+    ScrollsSSMEncoder,
+    ScrollsSSMEncoderBlock,
+    ScrollsSSMForConditionalGeneration,
+    ScrollsSSMModel,
+    ScrollsSSMPreTrainedModel,
+)
+
+__all__ = [
+    "MIXERS",
+    "MIXER_KINDS",
+    "ScrollsSSMConfig",
+    "ScrollsSSMEncoder",
+    "ScrollsSSMEncoderBlock",
+    "ScrollsSSMForConditionalGeneration",
+    "ScrollsSSMModel",
+    "ScrollsSSMPreTrainedModel",
+    "build_mixer",
+]
