@@ -23,6 +23,8 @@ from .configuration_scrolls_ssm import ScrollsSSMConfig
 class AttentionMixer(nn.Module):
     """Multi-head bidirectional self-attention over the real (unpadded) positions."""
 
+    returns_attentions = True  # the encoder block may call it with `output_attentions=True`
+
     def __init__(self, config: ScrollsSSMConfig, layer_idx: int):
         super().__init__()
         self.config = config
@@ -43,31 +45,40 @@ class AttentionMixer(nn.Module):
         # (batch, seq, d_model) -> (batch, heads, seq, head_dim)
         return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, output_attentions: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """The mixer contract's `(batch, seq, d_model)` output; with `output_attentions=True`, also the attention
+        probabilities `(batch, heads, seq, seq)` of full attention (None for block-local attention)."""
         batch, seq, _ = hidden_states.shape
         q = self._heads(self.q_proj(hidden_states))
         k = self._heads(self.k_proj(hidden_states))
         v = self._heads(self.v_proj(hidden_states))
+        weights = None
         if self.window is not None and self.window < seq:
             out = self._block_local(q, k, v, attention_mask)  # (batch, seq, heads, head_dim)
         else:
-            out = self._full(hidden_states, q, k, v, attention_mask)
-        return self.out_proj(out.reshape(batch, seq, self.embed_dim))
+            out, weights = self._full(hidden_states, q, k, v, attention_mask, output_attentions)
+        out = self.out_proj(out.reshape(batch, seq, self.embed_dim))
+        return (out, weights) if output_attentions else out
 
-    def _full(self, hidden_states, q, k, v, attention_mask):
-        if self.config._attn_implementation is None:
+    def _full(self, hidden_states, q, k, v, attention_mask, output_attentions: bool = False):
+        """(batch, seq, heads, head_dim) outputs, and the probabilities when asked (computed eagerly then, whatever
+        the attention implementation: SDPA and FlashAttention never materialize them)."""
+        implementation = self.config._attn_implementation
+        if implementation is None and not output_attentions:
             # Built from a bare config, outside a model: no implementation was chosen, and transformers' mask
             # builder would return no mask at all. Plain SDPA with a key mask keeps padding exact.
             key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
             dropout = self.dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout, scale=self.scaling)
-            return out.transpose(1, 2)  # (batch, seq, heads, head_dim)
-        mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
-        )
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, _ = attend(self, q, k, v, mask, dropout=self.dropout if self.training else 0.0, scaling=self.scaling)
-        return out  # (batch, seq, heads, head_dim)
+            return out.transpose(1, 2), None
+        if output_attentions:
+            implementation = "eager"
+        mask = _bidirectional_mask(self.config, implementation, hidden_states, attention_mask)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        dropout = self.dropout if self.training else 0.0
+        return attend(self, q, k, v, mask, dropout=dropout, scaling=self.scaling)  # (outputs, probabilities)
 
     def _block_local(self, q, k, v, attention_mask):
         """Each block of `window` queries attends to the keys of its own block and of the blocks either side."""
@@ -100,6 +111,19 @@ class AttentionMixer(nn.Module):
         # (batch * blocks, heads, w, dim) -> (batch, seq, heads, dim)
         out = out.view(batch, blocks, heads, w, dim).transpose(2, 3).reshape(batch, blocks * w, heads, dim)
         return out[:, :seq]
+
+
+def _bidirectional_mask(config, implementation: str, hidden_states, attention_mask):
+    """transformers' mask for `implementation` (an additive float mask for eager, None when nothing is masked)."""
+    if implementation == config._attn_implementation:
+        return create_bidirectional_mask(config=config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+    if attention_mask is None:
+        return None
+    # (batch, 1, 1, seq) additive mask: 0 where a key is a token, the dtype's minimum where it is padding.
+    blocked = ~attention_mask.bool()[:, None, None, :]
+    return torch.zeros(blocked.shape, dtype=hidden_states.dtype, device=hidden_states.device).masked_fill(
+        blocked, torch.finfo(hidden_states.dtype).min
+    )
 
 
 def _with_neighbours(x: torch.Tensor, fill: float | bool, window_dim: int) -> torch.Tensor:

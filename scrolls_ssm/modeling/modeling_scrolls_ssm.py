@@ -16,7 +16,7 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import CrossEntropyLoss
+from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -29,6 +29,7 @@ from transformers.models.bart.modeling_bart import (
     shift_tokens_right,
 )
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_scrolls_ssm import ScrollsSSMConfig
 from .mixers import build_mixer
@@ -52,10 +53,19 @@ class ScrollsSSMEncoderBlock(GradientCheckpointingLayer):
         self.fc2 = nn.Linear(config.encoder_ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(batch, seq, d_model) -> (the same shape, the mixer's attention probabilities or None). Only `attention`
+        mixers have probabilities to give; state-space mixers have none."""
         dropout = nn.functional.dropout
         residual = hidden_states
-        hidden_states = dropout(self.mixer(hidden_states, attention_mask), p=self.dropout, training=self.training)
+        weights = None
+        if output_attentions and getattr(self.mixer, "returns_attentions", False):
+            mixed, weights = self.mixer(hidden_states, attention_mask, output_attentions=True)
+        else:
+            mixed = self.mixer(hidden_states, attention_mask)
+        hidden_states = dropout(mixed, p=self.dropout, training=self.training)
         hidden_states = self.mixer_layer_norm(residual + hidden_states)
 
         residual = hidden_states
@@ -67,7 +77,7 @@ class ScrollsSSMEncoderBlock(GradientCheckpointingLayer):
         if hidden_states.dtype == torch.float16 and not torch.isfinite(hidden_states).all():
             clamp = torch.finfo(hidden_states.dtype).max - 1000
             hidden_states = hidden_states.clamp(min=-clamp, max=clamp)
-        return hidden_states
+        return hidden_states, weights
 
 
 class ScrollsSSMPreTrainedModel(PreTrainedModel):
@@ -76,10 +86,33 @@ class ScrollsSSMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ScrollsSSMEncoderBlock", "BartDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _keys_to_ignore_on_load_unexpected = ["encoder.version", "decoder.version"]
     _supports_flash_attn = True
     _supports_sdpa = True
+    # The forward has no data-dependent control flow, so `generate` may compile it with a static cache.
+    _can_compile_fullgraph = True
+    # `from_pretrained(..., dtype=torch.bfloat16 / float16)` keeps the state-space dynamics in float32 (transformers'
+    # dtype plan searches these regexes in parameter names): bf16 rounding of A_imag, dt and C moves an S4D kernel by
+    # ~30%. `model.to(dtype)` still casts everything (docs/mixers.md, "Precision").
+    _keep_in_fp32_modules_strict = [
+        r"mixer\.ssm\.(log_dt|log_A_real|A_imag|C|D)$",  # s4d and gss (BidirectionalS4D)
+        r"mixer\.(forward|backward)_ssm\.(A_log|D|dt_proj\.bias)$",  # mamba
+        r"mixer\.(A_log|D|dt_bias)$",  # mamba2
+    ]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`. When the classes are registered for the Auto API (importing
+        `scrolls_ssm` does it), `config.json`'s `auto_map` names all three Auto classes, whichever model is saved, so
+        `AutoConfig`, `AutoModel` and `AutoModelForSeq2SeqLM` all load the folder with `trust_remote_code=True`."""
+        if type(self)._auto_class is not None:
+            module = __name__.rsplit(".", 1)[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": f"{module}.ScrollsSSMModel",
+                "AutoModelForSeq2SeqLM": f"{module}.ScrollsSSMForConditionalGeneration",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
@@ -130,10 +163,21 @@ class ScrollsSSMEncoder(ScrollsSSMPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
+        r"""
+        output_attentions: also return the attention probabilities of every full-attention layer, in layer order:
+            one `(batch, heads, seq, seq)` tensor per `attention` layer. State-space layers (and block-local
+            attention) have no probabilities, so they add no entry. None: `config.output_attentions`.
+        output_hidden_states: also return the embeddings and every layer's output (`encoder_layers + 1` tensors).
+            None: `config.output_hidden_states`.
+        """
+        output_attentions, output_hidden_states, return_dict = _output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds` to the encoder.")
         if inputs_embeds is None:
@@ -154,19 +198,31 @@ class ScrollsSSMEncoder(ScrollsSSMPreTrainedModel):
         hidden_states = self.layernorm_embedding(hidden_states)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
 
-        all_hidden_states = () if output_hidden_states else None
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
+            if not (self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop):
+                hidden_states, weights = layer(hidden_states, attention_mask, output_attentions)
+                if weights is not None:
+                    all_attentions += (weights,)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
-                continue
-            hidden_states = layer(hidden_states, attention_mask)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
 
-        if return_dict is False:
-            return tuple(v for v in (hidden_states, all_hidden_states) if v is not None)
-        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+        output = BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def _output_flags(
+    config: ScrollsSSMConfig, output_attentions: bool | None, output_hidden_states: bool | None, return_dict
+) -> tuple[bool, bool, bool]:
+    """Each flag as given, else the config's value (as every transformers model resolves them)."""
+    return (
+        config.output_attentions if output_attentions is None else output_attentions,
+        config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+        config.return_dict if return_dict is None else return_dict,
+    )
 
 
 class ScrollsSSMModel(ScrollsSSMPreTrainedModel):
@@ -195,9 +251,7 @@ class ScrollsSSMModel(ScrollsSSMPreTrainedModel):
         self.encoder.embed_tokens = self.shared
         self.decoder.embed_tokens = self.shared
 
-    def get_encoder(self):
-        return self.encoder
-
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -205,13 +259,18 @@ class ScrollsSSMModel(ScrollsSSMPreTrainedModel):
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.LongTensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> Seq2SeqModelOutput:
+    ) -> Seq2SeqModelOutput | tuple:
+        output_attentions, output_hidden_states, return_dict = _output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass `decoder_input_ids`, `decoder_inputs_embeds`, `labels` or `input_ids`.")
@@ -224,33 +283,40 @@ class ScrollsSSMModel(ScrollsSSMPreTrainedModel):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
+                return_dict=True,
             )
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(
                 last_hidden_state=encoder_outputs[0],
                 hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+                attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
             )
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
-        return Seq2SeqModelOutput(
+        output = Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
-            past_key_values=decoder_outputs.past_key_values,
+            cache=decoder_outputs.cache,
             decoder_hidden_states=decoder_outputs.hidden_states,
             decoder_attentions=decoder_outputs.attentions,
             cross_attentions=decoder_outputs.cross_attentions,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
         )
+        return output if return_dict else output.to_tuple()
 
 
 class ScrollsSSMForConditionalGeneration(ScrollsSSMPreTrainedModel, GenerationMixin):
@@ -266,9 +332,20 @@ class ScrollsSSMForConditionalGeneration(ScrollsSSMPreTrainedModel, GenerationMi
         self.lm_head = nn.Linear(config.d_model, self.model.shared.num_embeddings, bias=False)
         self.post_init()
 
-    def get_encoder(self):
-        return self.model.encoder
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """As `PreTrainedModel.resize_token_embeddings`, and BART's logits bias follows the new vocabulary size (new
+        tokens get a zero bias)."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        size = embeddings.weight.shape[0]
+        bias = self.final_logits_bias[:, :size]
+        if size > bias.shape[1]:
+            bias = torch.cat([bias, bias.new_zeros(1, size - bias.shape[1])], dim=1)
+        self.final_logits_bias = nn.Buffer(bias)
+        return embeddings
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -276,18 +353,26 @@ class ScrollsSSMForConditionalGeneration(ScrollsSSMPreTrainedModel, GenerationMi
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.LongTensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
-    ) -> Seq2SeqLMOutput:
+    ) -> Seq2SeqLMOutput | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(batch, target_len)`, *optional*): target ids; -100 is ignored by the
             loss. When given without decoder inputs, the decoder inputs are the labels shifted right.
+        num_items_in_batch (*optional*): the number of target tokens in the whole (gradient-accumulated, all
+            processes) batch, as transformers' Trainer passes it. The loss is then the summed token cross-entropy
+            divided by it, so that accumulated micro-batches add up to the loss of one big batch. Without it, the loss
+            is the mean over this call's target tokens.
         """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -300,30 +385,48 @@ class ScrollsSSMForConditionalGeneration(ScrollsSSMPreTrainedModel, GenerationMi
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
             encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state) + self.final_logits_bias.to(outputs.last_hidden_state.device)
         loss = None
         if labels is not None:
-            loss = CrossEntropyLoss()(logits.view(-1, logits.shape[-1]).float(), labels.to(logits.device).view(-1))
-        return Seq2SeqLMOutput(
+            loss = _token_cross_entropy(logits, labels.to(logits.device), num_items_in_batch)
+        output = Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             decoder_hidden_states=outputs.decoder_hidden_states,
             decoder_attentions=outputs.decoder_attentions,
             cross_attentions=outputs.cross_attentions,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
         )
+        return output if return_dict else output.to_tuple()
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+
+def _token_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None
+) -> torch.Tensor:
+    """Cross-entropy in float32 over the target tokens (label -100 is ignored): their mean, or their sum divided by
+    `num_items_in_batch` when that is given."""
+    flat_logits, flat_labels = logits.view(-1, logits.shape[-1]).float(), labels.view(-1)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 __all__ = [
