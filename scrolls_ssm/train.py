@@ -17,7 +17,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import shutil
+import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,9 @@ from .reporting import JSONLTracker, write_outputs
 from .submission import write_text_atomic
 
 CHECKPOINT_PREFIX = "step_"
+# Test hook, not a feature: `SCROLLS_SSM_TEST_KILL_AT=<point>@<step>` makes the process SIGKILL itself at a named point
+# (see `_kill_point` calls), so tests can land a `kill -9` deterministically inside a save or right after one.
+TEST_KILL_ENV = "SCROLLS_SSM_TEST_KILL_AT"
 
 
 @dataclass
@@ -150,15 +155,17 @@ def train(cfg: RunConfig) -> dict:
                 )
                 progress.set_postfix(loss=f"{sum(running) / len(running):.3f}")
                 running.clear()
+            epoch_ends = state.batches_in_epoch >= len(train_loader) or state.global_step >= total_steps
+            if epoch_ends:
+                break
+            # An epoch's last step is checkpointed below, after its evaluation: a checkpoint written before it would
+            # make a resumed run skip that evaluation (and the best model it may save).
             if cfg.train.checkpoint_every_steps and state.global_step % cfg.train.checkpoint_every_steps == 0:
                 save_checkpoint(accelerator, out, state, cfg)
-            if state.global_step >= total_steps:
-                break
-        if state.batches_in_epoch >= len(train_loader) or state.global_step >= total_steps:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-            _evaluate(cfg, accelerator, model, tokenizer, collator, eval_sets, state, out)
-            save_checkpoint(accelerator, out, state, cfg)
+        state.epoch += 1
+        state.batches_in_epoch = 0
+        _evaluate(cfg, accelerator, model, tokenizer, collator, eval_sets, state, out)
+        save_checkpoint(accelerator, out, state, cfg)
     progress.close()
     if not state.evaluations:  # no training step (evaluate / predict, max_steps=0): the model as it came in
         _save_model(accelerator, model, tokenizer, cfg, out)
@@ -304,9 +311,11 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: RunState, cfg: R
     if accelerator.is_main_process:
         write_text_atomic(tmp / "run_state.json", json.dumps(asdict(state), indent=1))
         write_text_atomic(tmp / "run_config.yaml", cfg.to_yaml())
+        _kill_point("checkpoint-writing", state.global_step)
         tmp.rename(final)
         for stale in _checkpoints(out)[: -cfg.train.keep_checkpoints]:
             shutil.rmtree(stale)
+        _kill_point("checkpoint-saved", state.global_step)
     accelerator.wait_for_everyone()
     return final
 
@@ -364,6 +373,12 @@ def _save_model(accelerator: Accelerator, model, tokenizer, cfg: RunConfig, out:
         if old.exists():
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def _kill_point(point: str, step: int) -> None:
+    """SIGKILL this process if the test hook `TEST_KILL_ENV` names this point and step (e.g. `checkpoint-saved@8`)."""
+    if os.environ.get(TEST_KILL_ENV) == f"{point}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _trackers(out: Path) -> list:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
 
 from scrolls_ssm.config import RunConfigError, load_run_config
-from scrolls_ssm.train import train
+from scrolls_ssm.train import TEST_KILL_ENV, train
 from tests.training_fixtures import overrides, write_task_data, write_tiny_bart
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +28,9 @@ def setup(tmp_path_factory):
     return write_tiny_bart(root / "bart"), write_task_data(root / "data"), root
 
 
-def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+def _run_cli(args: list[str], env_extra: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update(env_extra or {})
     return subprocess.Popen(
         [sys.executable, str(REPO / "run_finetune.py"), *args],
         env=env,
@@ -69,32 +70,49 @@ def test_a_run_writes_every_output(setup):
     assert (out / "run_config.yaml").read_text() == (out / "model" / "run_config.yaml").read_text()
 
 
-def test_exact_resume_after_kill_9_matches_an_uninterrupted_run(setup):
+RESUMABLE = ["train.checkpoint_every_steps=2"]  # a checkpoint every 2 steps; the last one after the final evaluation
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """An uninterrupted run that interrupted-and-resumed runs must reproduce file for file."""
     base, data, root = setup
-    common = ["train.checkpoint_every_steps=2", "train.keep_checkpoints=50", "data.predict_splits=[validation]"]
-    reference = root / "uninterrupted"
-    train(load_run_config(None, overrides(base, data, reference, *common)))
-    final_step = max(p.name for p in (reference / "checkpoints").iterdir())
+    out = root / "uninterrupted"
+    train(load_run_config(None, overrides(base, data, out, *RESUMABLE)))
+    return out
 
-    interrupted = root / "interrupted"
-    process = _run_cli([*overrides(base, data, interrupted, *common)], start_new_session=True)
-    deadline = time.time() + 240
-    while not (interrupted / "checkpoints" / "step_00000004").exists() and process.poll() is None:
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # kill -9, wherever it is (possibly in the middle of a save)
-    process.wait()
-    assert not (interrupted / "checkpoints" / final_step).exists(), "the run finished before it was killed"
 
-    resumed = _run_cli([*overrides(base, data, interrupted, *common, "train.resume=latest")])
+def assert_same_outputs(expected: Path, actual: Path) -> None:
+    """The final model's weights bit for bit, and the metrics, predictions, submission and report byte for byte."""
+    want, got = (load_file(d / "model" / "model.safetensors") for d in (expected, actual))
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    files = ["metrics.json", "model/metrics.json", "submission.csv", "report.md"]
+    files += [str(p.relative_to(expected)) for p in sorted((expected / "predictions").rglob("*.json"))]
+    assert len(files) == 6
+    for name in files:
+        assert (actual / name).read_text() == (expected / name).read_text(), name
+
+
+def _run_until_killed(args: list[str], kill_at: str) -> None:
+    process = _run_cli(args, env_extra={TEST_KILL_ENV: kill_at})
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL, f"not killed at {kill_at}: " + output[-3000:]
+
+
+def test_resume_after_the_final_checkpoint_redoes_nothing_and_loses_nothing(setup, reference):
+    """Killed right after its last checkpoint (written after the final evaluation), a resumed run still ends with the
+    final model, predictions, metrics and report, identical to an uninterrupted run's."""
+    base, data, root = setup
+    out = root / "killed-after-final-checkpoint"
+    final_step = int(max(p.name for p in (reference / "checkpoints").iterdir()).removeprefix("step_"))
+    _run_until_killed(overrides(base, data, out, *RESUMABLE), f"checkpoint-saved@{final_step}")
+    resumed = _run_cli(overrides(base, data, out, *RESUMABLE, "train.resume=latest"))
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output[-3000:]
-    assert "Resumed from" in output
-    expected = load_file(reference / "checkpoints" / final_step / "model.safetensors")
-    actual = load_file(interrupted / "checkpoints" / final_step / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    assert f"step {final_step})" in output
+    assert_same_outputs(reference, out)
 
 
 def test_resume_ignores_half_written_checkpoints_and_refuses_another_model(setup, tmp_path):
