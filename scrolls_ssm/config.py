@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -83,8 +84,11 @@ class TrainConfig:
     checkpoint_every_steps: int | None = None
     keep_checkpoints: int = 2
     log_every_steps: int = 10
-    # "latest" or a checkpoint directory: continue that run exactly where it stopped.
+    # Continue the run in output_dir exactly where it stopped: "auto" (its newest complete checkpoint, or a fresh
+    # start when there is none), "latest" (its newest complete checkpoint, which must exist) or a checkpoint folder.
     resume: str | None = None
+    # Clear a non-empty output_dir and start anew (without it or `resume`, a used output_dir is refused).
+    overwrite_output_dir: bool = False
 
 
 @dataclass
@@ -147,6 +151,70 @@ CHOICES = {
     "eval.best_metric": ("loss", "score"),
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
     "data.eval_split": ("train", "validation", "test"),
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key: `low` <= value <= `high` (either bound may be open or absent)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+_POSITIVE = Range(1)
+# Every int / float key of the run config and its valid values (None, where a key allows it, is always valid).
+# tests/test_recipes.py checks that every numeric field is listed here.
+RANGES: dict[str, Range] = {
+    "model.max_source_positions": _POSITIVE,
+    "model.attention_window": _POSITIVE,
+    "model.tokenizer_vocab_size": _POSITIVE,
+    "data.max_source_length": _POSITIVE,
+    "data.max_target_length": _POSITIVE,
+    "data.max_tokens_per_batch": _POSITIVE,
+    "data.pad_to_multiple_of": _POSITIVE,
+    "data.max_train_samples": _POSITIVE,
+    "data.max_eval_samples": _POSITIVE,
+    "data.num_proc": _POSITIVE,
+    "train.seed": Range(0, 2**32 - 1),  # numpy's seed range (accelerate's set_seed seeds numpy too)
+    "train.num_epochs": Range(0),  # 0 only with train.max_steps (see _check)
+    "train.max_steps": Range(0),  # 0: no training step (how `evaluate` and `predict` run)
+    "train.learning_rate": Range(0, low_open=True),
+    "train.weight_decay": Range(0),
+    "train.adam_beta1": Range(0, 1, high_open=True),
+    "train.adam_beta2": Range(0, 1, high_open=True),
+    "train.adam_epsilon": Range(0, low_open=True),
+    "train.warmup_ratio": Range(0, 1),
+    "train.gradient_accumulation_steps": _POSITIVE,
+    "train.max_grad_norm": Range(0),  # 0 turns clipping off
+    "train.checkpoint_every_steps": _POSITIVE,
+    "train.keep_checkpoints": _POSITIVE,
+    "train.log_every_steps": _POSITIVE,
+    "eval.generate_every_epochs": _POSITIVE,
+    "eval.num_beams": _POSITIVE,
+    "eval.max_new_tokens": _POSITIVE,
+    "eval.max_tokens_per_batch": _POSITIVE,
 }
 
 
@@ -249,6 +317,12 @@ def _check(config: RunConfig) -> None:
         value = getattr(getattr(config, section), name)
         if value not in choices:
             raise RunConfigError(f"{dotted}={value!r} is not valid; choose one of {list(choices)}.")
+    for dotted, valid in RANGES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is not None and value not in valid:
+            finite = "" if math.isfinite(value) else "a finite number "
+            raise RunConfigError(f"{dotted}={value!r} is out of range: it must be {finite}{valid}.")
     if config.train.num_epochs < 1 and config.train.max_steps is None:
         raise RunConfigError(f"train.num_epochs={config.train.num_epochs} must be >= 1 (or set train.max_steps).")
     if not config.data.tasks:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
-from scrolls_ssm.config import RunConfigError, load_run_config
+from scrolls_ssm.config import RANGES, RunConfig, RunConfigError, load_run_config
 from scrolls_ssm.data import SCORED_TASKS
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -111,3 +113,88 @@ def test_resolved_config_round_trips(tmp_path):
     )
     (tmp_path / "run_config.yaml").write_text(cfg.to_yaml())
     assert load_run_config(tmp_path / "run_config.yaml") == cfg
+
+
+# One out-of-range value per numeric key, with the exact message; `test_every_numeric_key_is_range_checked` keeps
+# this list complete.
+OUT_OF_RANGE = [
+    ("model.max_source_positions=0", "model.max_source_positions=0 is out of range: it must be >= 1."),
+    ("model.attention_window=-8", "model.attention_window=-8 is out of range: it must be >= 1."),
+    ("model.tokenizer_vocab_size=0", "model.tokenizer_vocab_size=0 is out of range: it must be >= 1."),
+    ("data.max_source_length=0", "data.max_source_length=0 is out of range: it must be >= 1."),
+    ("data.max_target_length=0", "data.max_target_length=0 is out of range: it must be >= 1."),
+    ("data.max_tokens_per_batch=0", "data.max_tokens_per_batch=0 is out of range: it must be >= 1."),
+    ("data.pad_to_multiple_of=0", "data.pad_to_multiple_of=0 is out of range: it must be >= 1."),
+    ("data.max_train_samples=0", "data.max_train_samples=0 is out of range: it must be >= 1."),
+    ("data.max_eval_samples=-1", "data.max_eval_samples=-1 is out of range: it must be >= 1."),
+    ("data.num_proc=0", "data.num_proc=0 is out of range: it must be >= 1."),
+    ("train.seed=-1", "train.seed=-1 is out of range: it must be in [0, 4294967295]."),
+    ("train.num_epochs=-1", "train.num_epochs=-1 is out of range: it must be >= 0."),
+    ("train.max_steps=-5", "train.max_steps=-5 is out of range: it must be >= 0."),
+    ("train.learning_rate=-1", "train.learning_rate=-1.0 is out of range: it must be > 0."),
+    ("train.weight_decay=-0.1", "train.weight_decay=-0.1 is out of range: it must be >= 0."),
+    ("train.adam_beta1=1", "train.adam_beta1=1.0 is out of range: it must be in [0, 1)."),
+    ("train.adam_beta2=-0.5", "train.adam_beta2=-0.5 is out of range: it must be in [0, 1)."),
+    ("train.adam_epsilon=0", "train.adam_epsilon=0.0 is out of range: it must be > 0."),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio=1.5 is out of range: it must be in [0, 1]."),
+    ("train.gradient_accumulation_steps=0", "train.gradient_accumulation_steps=0 is out of range: it must be >= 1."),
+    ("train.max_grad_norm=-1", "train.max_grad_norm=-1.0 is out of range: it must be >= 0."),
+    ("train.checkpoint_every_steps=0", "train.checkpoint_every_steps=0 is out of range: it must be >= 1."),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints=0 is out of range: it must be >= 1."),
+    ("train.log_every_steps=0", "train.log_every_steps=0 is out of range: it must be >= 1."),
+    ("eval.generate_every_epochs=0", "eval.generate_every_epochs=0 is out of range: it must be >= 1."),
+    ("eval.num_beams=0", "eval.num_beams=0 is out of range: it must be >= 1."),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens=0 is out of range: it must be >= 1."),
+    ("eval.max_tokens_per_batch=0", "eval.max_tokens_per_batch=0 is out of range: it must be >= 1."),
+]
+
+
+def _numeric_keys() -> set[str]:
+    """Every `section.key` of RunConfig whose type allows an int or a float."""
+    keys = set()
+    for section, section_type in typing.get_type_hints(RunConfig).items():
+        if not dataclasses.is_dataclass(section_type):
+            continue
+        for name, hint in typing.get_type_hints(section_type).items():
+            if {int, float} & (set(typing.get_args(hint)) or {hint}):
+                keys.add(f"{section}.{name}")
+    return keys
+
+
+def test_every_numeric_key_is_range_checked():
+    assert len(_numeric_keys()) == 28
+    assert set(RANGES) == _numeric_keys()
+    assert {override.split("=")[0] for override, _ in OUT_OF_RANGE} == set(RANGES)
+
+
+@pytest.mark.parametrize(("override", "message"), OUT_OF_RANGE, ids=[o.split("=")[0] for o, _ in OUT_OF_RANGE])
+def test_out_of_range_values_name_the_key_the_value_and_the_range(override, message):
+    with pytest.raises(RunConfigError) as raised:
+        load_run_config(RECIPES / "qasper.yaml", [override])
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.learning_rate=.inf", "train.max_grad_norm=.nan"],
+)
+def test_non_finite_numbers_are_out_of_range(override):
+    with pytest.raises(RunConfigError, match="is out of range: it must be a finite number"):
+        load_run_config(None, [override])
+
+
+def test_range_bounds_themselves_are_valid():
+    cfg = load_run_config(
+        None,
+        [
+            "train.warmup_ratio=0",
+            "train.adam_beta1=0",
+            "train.max_grad_norm=0",
+            "train.seed=4294967295",
+            "train.max_steps=0",
+            "train.num_epochs=0",
+            "data.max_tokens_per_batch=1",
+        ],
+    )
+    assert (cfg.train.warmup_ratio, cfg.train.max_grad_norm, cfg.train.seed) == (0.0, 0.0, 4294967295)
+    assert (cfg.train.max_steps, cfg.train.num_epochs, cfg.data.max_tokens_per_batch) == (0, 0, 1)
