@@ -229,6 +229,15 @@ def test_generate_modes_with_dict_outputs_and_precomputed_encoder_outputs(layout
     torch.testing.assert_close(reused, plain, rtol=0, atol=0)
 
 
+def test_static_cache_generate_equals_the_dynamic_cache(layout):
+    """`_can_compile_fullgraph` offers the static cache (and its compiled decoding on GPUs); same tokens either way."""
+    model = make_model(layout)
+    inputs = {key: value for key, value in batch().items() if key != "labels"}
+    dynamic = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5)
+    static = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, cache_implementation="static")
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=0)
+
+
 def test_generate_emits_no_deprecation_warning(layout, recwarn):
     model = make_model(layout)
     inputs = batch()
