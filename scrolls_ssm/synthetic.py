@@ -155,7 +155,7 @@ _PARTY = "The Receiving Party"
 # --- filler ---------------------------------------------------------------------------------------------------------
 
 
-def _filler_sentence(rng: random.Random) -> str:
+def filler_sentence(rng: random.Random) -> str:
     """One plain sentence from a few templates; the variety keeps a model from memorising positions of filler."""
     noun, noun2, noun3 = rng.sample(_NOUNS, 3)
     adjective, adjective2 = rng.sample(_ADJECTIVES, 2)
@@ -181,7 +181,7 @@ def _filler(rng: random.Random, words: int) -> list[str]:
     sentences: list[str] = []
     count = 0
     while count < words:
-        sentences.append(_filler_sentence(rng))
+        sentences.append(filler_sentence(rng))
         count += len(sentences[-1].split())
     return sentences
 
