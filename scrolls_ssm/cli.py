@@ -68,8 +68,18 @@ def _run_train(args: argparse.Namespace) -> int:
     from scrolls_ssm.config import load_run_config
     from scrolls_ssm.train import train
 
-    train(load_run_config(args.recipe, args.overrides))
+    train(load_run_config(args.recipe, _train_overrides(args)))
     return 0
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides of `train`, with `--resume [PATH]` as `train.resume=auto|PATH` (the config key it stands for)."""
+    overrides = list(args.overrides)
+    if args.resume is None:
+        return overrides
+    if "=" in args.resume:  # `--resume key=value ...`: argparse took the first override for the optional PATH
+        return [args.resume, *overrides, "train.resume=auto"]
+    return [*overrides, f"train.resume={args.resume}"]
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -85,6 +95,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         f"data.predict_splits=[{split}]",
         f"train.output_dir={args.output_dir or Path(args.model).parent / f'{args.command}-{split}'}",
     ]
+    if args.output_dir is None:  # the default folder only ever holds this command's earlier outputs: replace them
+        fixed.append("train.overwrite_output_dir=true")
     results = train(load_run_config(args.recipe, [*fixed, *args.overrides]))
     for task, splits in results.items():
         if split in splits:
@@ -148,6 +160,15 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Train with Accelerate: defaults < recipe YAML < key=value overrides. See docs/training.md.",
     )
     _add_run_arguments(train)
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="PATH",
+        help="continue the run in train.output_dir: alone, its newest checkpoint (or a fresh start if it has none); "
+        "with PATH, that checkpoint. Same as train.resume=auto|PATH",
+    )
     train.set_defaults(func=_run_train)
     for name, split, what in (("evaluate", "validation", "score"), ("predict", "test", "predict")):
         sub = commands.add_parser(

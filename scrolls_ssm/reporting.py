@@ -80,7 +80,8 @@ def plot_training_curves(log_path: Path, png_path: Path) -> Path:
 
 
 def write_outputs(out: Path, cfg: RunConfig, results: dict, evaluations: list[dict], raw_train, references) -> None:
-    """metrics.json (run and model folder), submission.csv, training_curves.png and report.md."""
+    """metrics.json (run and model folder), submission.csv, training_curves.png and report.md. `raw_train` is None
+    for a run that read no train split (evaluate / predict): its report has no naive baseline."""
     from .synthetic import naive_baseline
 
     metrics_text = json.dumps(results, indent=1) + "\n"
@@ -91,7 +92,9 @@ def write_outputs(out: Path, cfg: RunConfig, results: dict, evaluations: list[di
         build_submission_csv(test_dir, out / "submission.csv", tasks=cfg.data.tasks)
     plot_training_curves(out / "log.jsonl", out / "training_curves.png")
     baselines = {
-        task: naive_baseline(task, raw_train[task], references[task]) for task in cfg.data.tasks if references[task]
+        task: naive_baseline(task, raw_train[task], references[task])
+        for task in cfg.data.tasks
+        if references[task] and raw_train is not None
     }
     write_text_atomic(out / "report.md", render_report(cfg, results, baselines, evaluations))
 
@@ -120,7 +123,8 @@ def render_report(cfg: RunConfig, results: dict, baselines: dict, evaluations: l
         for key, value in metrics.items():
             if key in ("num_predicted", "mean_prediction_length_characters") or value is None:
                 continue
-            lines.append(f"| {task} | {key} | {value:.2f} | {baseline.get(key, float('nan')):.2f} |")
+            naive = baseline.get(key)
+            lines.append(f"| {task} | {key} | {value:.2f} | {'n/a' if naive is None else f'{naive:.2f}'} |")
     lines += [
         "",
         "The naive baseline always predicts the most frequent training answer (see `scrolls_ssm.synthetic`).",

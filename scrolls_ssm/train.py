@@ -8,8 +8,10 @@
       log.jsonl                every logged value; training_curves.png is drawn from it
       predictions/<split>/<task>.json, metrics.json, submission.csv, report.md
 
-A checkpoint is written to a hidden temporary folder and renamed into place only when complete, so a run killed at
-any moment (even during a save) keeps its last good checkpoint.
+One run per folder (see run_folder.py): a used folder is resumed (`train.resume`) or cleared
+(`train.overwrite_output_dir`), never mixed into. Checkpoints and the model are written to hidden temporary folders and
+renamed into place when complete (see checkpointing.py), and an epoch's last step is checkpointed after its
+evaluation, so a run killed at any moment and resumed ends with the same files as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,49 +19,33 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import shutil
-import signal
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
 import torch
-import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, get_linear_schedule_with_warmup
 
 from .build import build_model, build_optimizer, build_tokenizer
+from .checkpointing import RunState, kill_point, load_checkpoint, save_checkpoint, save_model
 from .config import RunConfig, RunConfigError
 from .data import get_task, group_references, load_scrolls
 from .evaluation import EvalSet, generate_predictions, score, validation_loss
 from .preprocess import Seq2SeqCollator, TokenBudgetBatchSampler, sequence_lengths, tokenize_for_seq2seq
 from .reporting import JSONLTracker, write_outputs
+from .run_folder import RunFolderLock, prepare_run_folder, truncate_log
 from .submission import write_text_atomic
-
-CHECKPOINT_PREFIX = "step_"
-# Test hook, not a feature: `SCROLLS_SSM_TEST_KILL_AT=<point>@<step>` makes the process SIGKILL itself at a named point
-# (see `_kill_point` calls), so tests can land a `kill -9` deterministically inside a save or right after one.
-TEST_KILL_ENV = "SCROLLS_SSM_TEST_KILL_AT"
-
-
-@dataclass
-class RunState:
-    """Where the loop stands; saved in every checkpoint so a resumed run continues mid-epoch exactly."""
-
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    global_step: int = 0
-    skipped_nonfinite: int = 0
-    best: float | None = None
-    evaluations: list[dict] = field(default_factory=list)
 
 
 def train(cfg: RunConfig) -> dict:
-    """Run the whole recipe: train, evaluate, predict, and write every output. Returns the final metrics."""
+    """Run the whole recipe: train, evaluate, predict, and write every output. Returns the final metrics.
+
+    With `train.max_steps=0` (what `scrolls-ssm evaluate / predict` run) the train split is never read: the model and
+    its tokenizer come from `model.init_from` (or `model.base`)."""
     out = Path(cfg.train.output_dir)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
@@ -67,25 +53,86 @@ def train(cfg: RunConfig) -> dict:
         log_with=_trackers(out),
         project_dir=str(out),
     )
-    set_seed(cfg.train.seed)
-    resume_from = _find_checkpoint(out, cfg.train.resume) if cfg.train.resume else None
-    if resume_from is not None:
-        _check_same_model(cfg, resume_from)
-    if accelerator.is_main_process:
-        write_text_atomic(out / "run_config.yaml", cfg.to_yaml())
+    lock = RunFolderLock(out)
+    resume_candidates = _claim_folder(accelerator, cfg, lock)
+    try:
+        results = _run(cfg, accelerator, out, resume_candidates)
+    finally:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            lock.release()
+    for task, splits in results.items():
+        for split, metrics in splits.items():
+            shown = ", ".join(f"{key}={value:.4g}" for key, value in metrics.items() if value is not None)
+            accelerator.print(f"{task}/{split}: {shown}")
+    accelerator.print(f"outputs in {out}")
+    return results
 
+
+def _claim_folder(accelerator: Accelerator, cfg: RunConfig, lock: RunFolderLock) -> list[Path]:
+    """The main process locks the output folder and applies the folder rules; every process gets the verdict (the
+    checkpoints to resume from, newest first) or the same error."""
+    error: RunConfigError | None = None
+    candidates: list[Path] = []
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except RunConfigError as refused:
+            error = refused
+        else:
+            try:
+                candidates = prepare_run_folder(cfg)
+            except RunConfigError as refused:
+                lock.release()
+                error = refused
+    verdict = [None if error is None else str(error), [str(path) for path in candidates]]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(verdict)
+    if error is not None:
+        raise error
+    if verdict[0] is not None:
+        raise RunConfigError(verdict[0])
+    return [Path(path) for path in verdict[1]]
+
+
+def _run(cfg: RunConfig, accelerator: Accelerator, out: Path, resume_candidates: list[Path]) -> dict:
+    set_seed(cfg.train.seed)
+    training = cfg.train.max_steps != 0
     with accelerator.main_process_first():
         data_dir = _materialize_data(cfg)
-        raw_train = {task: _load(cfg, task, "train", data_dir) for task in cfg.data.tasks}
-        tokenizer = build_tokenizer(
-            cfg.model,
-            out / "tokenizer",
-            lambda: (text for rows in raw_train.values() for column in ("input", "output") for text in rows[column]),
-        )
+        raw_train = {task: _load(cfg, task, "train", data_dir) for task in cfg.data.tasks} if training else None
+        tokenizer = build_tokenizer(cfg.model, out / "tokenizer", lambda: _training_texts(cfg, raw_train))
         model = build_model(cfg.model, tokenizer)
         source_limit = model.config.max_source_positions
-        train_set, eval_sets, predict_sets = _tokenize_all(cfg, tokenizer, raw_train, data_dir, source_limit)
+        train_set = _tokenize_train(cfg, tokenizer, raw_train, source_limit) if training else None
+        eval_sets, predict_sets = _tokenize_evaluation(cfg, tokenizer, data_dir, source_limit)
     collator = Seq2SeqCollator(tokenizer, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+
+    state = RunState()
+    if training:
+        model, state = _train(
+            cfg, accelerator, model, tokenizer, collator, train_set, eval_sets, out, resume_candidates
+        )
+    else:  # evaluate / predict: the model as it came in
+        model = accelerator.prepare(model)
+        if accelerator.is_main_process:
+            write_text_atomic(out / "run_config.yaml", cfg.to_yaml())
+        save_model(accelerator, model, tokenizer, cfg, out, step=0)
+    accelerator.wait_for_everyone()
+
+    # Final predictions and scores come from the best model.
+    best = AutoModelForSeq2SeqLM.from_pretrained(out / "model").to(accelerator.device)
+    results = _predict_and_score(cfg, accelerator, best, tokenizer, collator, eval_sets, predict_sets, out)
+    if accelerator.is_main_process:
+        kill_point("outputs-writing", state.global_step)
+        write_outputs(out, cfg, results, state.evaluations, raw_train, {s.task: s.references for s in eval_sets})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def _train(cfg, accelerator, model, tokenizer, collator, train_set, eval_sets, out: Path, resume_candidates):
+    """The training loop with its evaluations and checkpoints; returns the prepared model and the final state."""
     sampler = TokenBudgetBatchSampler(
         sequence_lengths(train_set), max_tokens=cfg.data.max_tokens_per_batch, shuffle=True, seed=cfg.train.seed
     )
@@ -105,10 +152,13 @@ def train(cfg: RunConfig) -> dict:
     accelerator.register_for_checkpointing(scheduler)
 
     state = RunState()
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = RunState(**json.loads((resume_from / "run_state.json").read_text()))
-        accelerator.print(f"Resumed from {resume_from} (epoch {state.epoch}, step {state.global_step}).")
+    if resume_candidates:
+        resumed_from, state = load_checkpoint(accelerator, resume_candidates, cfg)
+        if accelerator.is_main_process:
+            truncate_log(out / "log.jsonl", state.log_bytes)
+        accelerator.print(f"Resumed from {resumed_from} (epoch {state.epoch}, step {state.global_step}).")
+    if accelerator.is_main_process:
+        write_text_atomic(out / "run_config.yaml", cfg.to_yaml())
     accelerator.init_trackers("scrolls_ssm", config=_flat(cfg.to_dict()))
 
     progress = tqdm(
@@ -167,18 +217,7 @@ def train(cfg: RunConfig) -> dict:
         _evaluate(cfg, accelerator, model, tokenizer, collator, eval_sets, state, out)
         save_checkpoint(accelerator, out, state, cfg)
     progress.close()
-    if not state.evaluations:  # no training step (evaluate / predict, max_steps=0): the model as it came in
-        _save_model(accelerator, model, tokenizer, cfg, out)
-    accelerator.wait_for_everyone()
-
-    # Final predictions and scores come from the best model.
-    best = AutoModelForSeq2SeqLM.from_pretrained(out / "model").to(accelerator.device)
-    results = _predict_and_score(cfg, accelerator, best, tokenizer, collator, eval_sets, predict_sets, out)
-    if accelerator.is_main_process:
-        write_outputs(out, cfg, results, state.evaluations, raw_train, {s.task: s.references for s in eval_sets})
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return results
+    return model, state
 
 
 # --- data -----------------------------------------------------------------------------------------------------------
@@ -207,31 +246,54 @@ def _load(cfg: RunConfig, task: str, split: str, data_dir: str | None) -> datase
     return rows.select(range(min(limit, len(rows)))) if limit is not None else rows
 
 
-def _tokenize_all(cfg: RunConfig, tokenizer, raw_train, data_dir, source_limit: int):
-    """Tokenized training rows of every task (concatenated) and the evaluation / prediction sets per task."""
-    train_parts, eval_sets, predict_sets = [], [], []
+def _training_texts(cfg: RunConfig, raw_train: dict | None) -> Iterator[str]:
+    """Text to train a tokenizer on; only a run that trains has (and reads) the train split."""
+    if raw_train is None:
+        raise RunConfigError(
+            "train.max_steps=0 reads no training data, so it cannot train a tokenizer: set model.init_from to a "
+            "trained model folder (its tokenizer is saved beside it) or model.tokenizer."
+        )
+    return (text for rows in raw_train.values() for column in ("input", "output") for text in rows[column])
+
+
+def _lengths(cfg: RunConfig, task: str, source_limit: int) -> tuple[int, int]:
+    """(source, target) token lengths of a task. Inputs longer than the encoder's learned positions are truncated
+    here, never in the model; padding to a multiple must not push past that limit either."""
+    source_len = min(cfg.data.max_source_length or get_task(task).max_source_length, source_limit)
+    if cfg.data.pad_to_multiple_of:
+        source_len -= source_len % cfg.data.pad_to_multiple_of
+    return source_len, cfg.data.max_target_length or get_task(task).max_target_length
+
+
+def _tokenize(cfg: RunConfig, tokenizer, rows: datasets.Dataset, task: str, source_limit: int) -> datasets.Dataset:
+    source_len, target_len = _lengths(cfg, task, source_limit)
+    return tokenize_for_seq2seq(rows, tokenizer, source_len, target_len, task=task, num_proc=cfg.data.num_proc)
+
+
+def _tokenize_train(cfg: RunConfig, tokenizer, raw_train: dict, source_limit: int) -> datasets.Dataset:
+    """The tokenized training rows of every task, concatenated."""
+    parts = [
+        _tokenize(cfg, tokenizer, raw_train[task], task, source_limit).select_columns(
+            ["input_ids", "attention_mask", "labels"]
+        )
+        for task in cfg.data.tasks
+    ]
+    return datasets.concatenate_datasets(parts)
+
+
+def _tokenize_evaluation(cfg: RunConfig, tokenizer, data_dir, source_limit: int):
+    """The evaluation sets (eval split) and prediction sets (other predict splits) of every task."""
+    eval_sets, predict_sets = [], []
     for task in cfg.data.tasks:
-        spec = get_task(task)
-        # Inputs longer than the encoder's learned positions are truncated here, never in the model.
-        source_len = min(cfg.data.max_source_length or spec.max_source_length, source_limit)
-        if cfg.data.pad_to_multiple_of:
-            source_len -= source_len % cfg.data.pad_to_multiple_of  # padding must not push past the limit either
-        target_len = cfg.data.max_target_length or spec.max_target_length
-
-        def tokenize(rows, source_len=source_len, target_len=target_len, task=task):
-            return tokenize_for_seq2seq(rows, tokenizer, source_len, target_len, task=task, num_proc=cfg.data.num_proc)
-
-        train_parts.append(tokenize(raw_train[task]).select_columns(["input_ids", "attention_mask", "labels"]))
         max_new = cfg.eval.max_new_tokens or get_task(task).max_new_tokens
         for split in dict.fromkeys([cfg.data.eval_split, *cfg.data.predict_splits]):
             rows = _load(cfg, task, split, data_dir)
             grouped, references = group_references(rows)
-            has_outputs = any(references.values())
-            eval_set = EvalSet(
-                task, split, tokenize(rows) if has_outputs else None, tokenize(grouped), references, max_new
-            )
+            loss_rows = _tokenize(cfg, tokenizer, rows, task, source_limit) if any(references.values()) else None
+            generation_rows = _tokenize(cfg, tokenizer, grouped, task, source_limit)
+            eval_set = EvalSet(task, split, loss_rows, generation_rows, references, max_new)
             (eval_sets if split == cfg.data.eval_split else predict_sets).append(eval_set)
-    return datasets.concatenate_datasets(train_parts), eval_sets, predict_sets
+    return eval_sets, predict_sets
 
 
 # --- evaluation during training ---------------------------------------------------------------------------------
@@ -275,7 +337,7 @@ def _evaluate(cfg, accelerator, model, tokenizer, collator, eval_sets, state: Ru
     state.evaluations.append(record)
     if better:
         state.best = value
-        _save_model(accelerator, model, tokenizer, cfg, out)
+        save_model(accelerator, model, tokenizer, cfg, out, state.global_step)
 
 
 def _predict_and_score(cfg, accelerator, model, tokenizer, collator, eval_sets, predict_sets, out: Path) -> dict:
@@ -291,94 +353,6 @@ def _predict_and_score(cfg, accelerator, model, tokenizer, collator, eval_sets, 
             path = out / "predictions" / eval_set.split / f"{eval_set.task}.json"
             write_text_atomic(path, json.dumps(predictions, ensure_ascii=False, indent=1) + "\n")
     return results
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(accelerator: Accelerator, out: Path, state: RunState, cfg: RunConfig) -> Path:
-    """Write a resumable checkpoint atomically (temporary folder, then rename) and keep the newest `keep`."""
-    root = out / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{state.global_step:08d}"
-    tmp = root / f".tmp-{final.name}"
-    if final.exists():  # e.g. an epoch ended on a step that was just checkpointed
-        return final
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # save_state has no barrier of its own
-    if accelerator.is_main_process:
-        write_text_atomic(tmp / "run_state.json", json.dumps(asdict(state), indent=1))
-        write_text_atomic(tmp / "run_config.yaml", cfg.to_yaml())
-        _kill_point("checkpoint-writing", state.global_step)
-        tmp.rename(final)
-        for stale in _checkpoints(out)[: -cfg.train.keep_checkpoints]:
-            shutil.rmtree(stale)
-        _kill_point("checkpoint-saved", state.global_step)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (half-written ones live in hidden .tmp- folders and are ignored)."""
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "run_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def _find_checkpoint(out: Path, resume: str) -> Path:
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / "run_state.json").is_file():
-            raise RunConfigError(
-                f"train.resume={resume!r} is not a complete checkpoint (no run_state.json there). Use 'latest' or "
-                f"one of: {[str(p) for p in _checkpoints(out)] or 'none found under ' + str(out / 'checkpoints')}."
-            )
-        return path
-    found = _checkpoints(out)
-    if not found:
-        raise RunConfigError(
-            f"train.resume='latest' but {out / 'checkpoints'} holds no complete checkpoint; start without resume."
-        )
-    return found[-1]
-
-
-def _check_same_model(cfg: RunConfig, checkpoint: Path) -> None:
-    saved = yaml.safe_load((checkpoint / "run_config.yaml").read_text())
-    if saved["model"] != cfg.to_dict()["model"]:
-        changed = sorted(k for k in saved["model"] if saved["model"][k] != cfg.to_dict()["model"].get(k))
-        raise RunConfigError(
-            f"checkpoint {checkpoint} was written by a run with a different model (model.{', model.'.join(changed)} "
-            "differ). Resume with the same model settings, or start a new run in another train.output_dir."
-        )
-
-
-def _save_model(accelerator: Accelerator, model, tokenizer, cfg: RunConfig, out: Path) -> None:
-    """Replace `out/model` with the current weights, the tokenizer and the run config, atomically."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp, final, old = out / ".tmp-model", out / "model", out / ".old-model"
-        for stale in (tmp, old):
-            if stale.exists():
-                shutil.rmtree(stale)
-        accelerator.unwrap_model(model).save_pretrained(tmp, is_main_process=True)
-        tokenizer.save_pretrained(tmp)
-        write_text_atomic(tmp / "run_config.yaml", cfg.to_yaml())
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        if old.exists():
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def _kill_point(point: str, step: int) -> None:
-    """SIGKILL this process if the test hook `TEST_KILL_ENV` names this point and step (e.g. `checkpoint-saved@8`)."""
-    if os.environ.get(TEST_KILL_ENV) == f"{point}@{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _trackers(out: Path) -> list:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
 
+from scrolls_ssm.checkpointing import TEST_KILL_ENV
 from scrolls_ssm.config import RunConfigError, load_run_config
-from scrolls_ssm.train import TEST_KILL_ENV, train
+from scrolls_ssm.train import train
 from tests.training_fixtures import overrides, write_task_data, write_tiny_bart
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,11 +42,15 @@ def _run_cli(args: list[str], env_extra: dict[str, str] | None = None, **kwargs)
     )
 
 
-def test_a_run_writes_every_output(setup):
+def test_a_run_writes_every_output_and_prints_its_final_metrics(setup, capsys):
     base, data, root = setup
     out = root / "full"
     cfg = load_run_config(None, overrides(base, data, out, "eval.generate_every_epochs=1"))
     results = train(cfg)
+    last_lines = capsys.readouterr().out.splitlines()[-2:]
+    exact_match = results["contract_nli"]["validation"]["exact_match"]
+    assert last_lines[0].startswith(f"contract_nli/validation: exact_match={exact_match:.4g}, num_predicted=9, ")
+    assert last_lines[1] == f"outputs in {out}"
 
     model = AutoModelForSeq2SeqLM.from_pretrained(out / "model")
     assert model.config.model_type == "scrolls_ssm" and model.config.max_source_positions == 96
@@ -122,9 +127,9 @@ def test_resume_ignores_half_written_checkpoints_and_refuses_another_model(setup
     checkpoints = out / "checkpoints"
     (checkpoints / ".tmp-step_00000009").mkdir()  # a save that was killed
     (checkpoints / "step_00000007").mkdir()  # a folder without run_state.json
-    from scrolls_ssm.train import _find_checkpoint
+    from scrolls_ssm.checkpointing import list_checkpoints
 
-    assert _find_checkpoint(out, "latest").name == "step_00000002"
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000002"]
     with pytest.raises(RunConfigError, match=r"model.encoder_layer_types.*differ"):
         train(
             load_run_config(
@@ -194,7 +199,7 @@ def test_evaluate_command_reproduces_the_runs_metrics(setup, tmp_path):
     # An untrained swap of the same base predicts differently: its metrics must replace the first ones.
     untrained = tmp_path / "untrained"
     train(load_run_config(None, overrides(base, data, untrained, "train.max_steps=0")))
-    assert main(["evaluate", "--model", str(untrained / "model"), *common]) == 0
+    assert main(["evaluate", "--model", str(untrained / "model"), *common, "train.overwrite_output_dir=true"]) == 0
     scored, given = (load_file(d / "model" / "model.safetensors") for d in (evaluated, untrained))
     assert scored.keys() == given.keys() and all(torch.equal(scored[k], given[k]) for k in scored)
     trained = load_file(run / "model" / "model.safetensors")
@@ -214,3 +219,111 @@ def test_synthetic_data_is_rewritten_when_its_settings_change(tmp_path):
     cfg.data.synthetic["num_train"] = 9
     _materialize_data(cfg)
     assert len((data / "qasper" / "train.jsonl").read_text().splitlines()) == 9
+
+
+FAST = ["data.predict_splits=[validation]"]
+
+
+def test_a_used_output_folder_is_refused_unless_resumed_or_overwritten(setup, tmp_path):
+    base, data, _ = setup
+    out = tmp_path / "run"
+    train(load_run_config(None, overrides(base, data, out, "train.max_steps=2", *FAST)))
+    with pytest.raises(RunConfigError, match=r"already holds a run.*train.resume=auto.*overwrite_output_dir=true"):
+        train(load_run_config(None, overrides(base, data, out, "train.max_steps=1", *FAST)))
+    (out / "checkpoints" / ".tmp-step_00000009").mkdir()  # what a save killed midway leaves
+    (out / ".tmp-model").mkdir()
+    train(load_run_config(None, overrides(base, data, out, "train.max_steps=1", "train.overwrite_output_dir=true")))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]  # the old run's are gone
+    assert not (out / ".tmp-model").exists() and not (out / ".lock").exists()
+    assert [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "train/loss" in r] == [
+        1
+    ]
+    with pytest.raises(RunConfigError, match="contradict"):
+        train(
+            load_run_config(None, overrides(base, data, out, "train.resume=auto", "train.overwrite_output_dir=true"))
+        )
+
+
+def test_a_live_run_locks_its_folder_and_a_dead_runs_lock_is_taken_over(setup, tmp_path, caplog):
+    base, data, _ = setup
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".lock"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        with pytest.raises(RunConfigError, match=rf"in use by a running process \(pid {live.pid}"):
+            train(load_run_config(None, overrides(base, data, out, "train.max_steps=0", *FAST)))
+        assert json.loads(lock.read_text())["pid"] == live.pid  # the other run's lock is left alone
+    finally:
+        live.kill()
+        live.wait()
+    train(load_run_config(None, overrides(base, data, out, "train.max_steps=0", *FAST)))
+    assert f"left by process {live.pid}, which is no longer running" in caplog.text
+    assert not lock.exists() and (out / "model" / "model.safetensors").is_file()
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_does_not_log_steps_twice(setup, tmp_path, caplog):
+    base, data, _ = setup
+    out = tmp_path / "run"
+    settings = overrides(base, data, out, "train.max_steps=4", "train.checkpoint_every_steps=2", *FAST)
+    train(load_run_config(None, settings))
+    first = {name: (out / name).read_bytes() for name in ("model/model.safetensors", "metrics.json", "log.jsonl")}
+    damaged = out / "checkpoints" / "step_00000004"
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a save cut short by a full disk
+
+    train(load_run_config(None, [*settings, "train.resume=auto"]))
+    assert f"checkpoint {damaged} could not be loaded (SafetensorError" in caplog.text
+    assert "falling back to" in caplog.text and str(out / "checkpoints" / "step_00000002") in caplog.text
+    for name, content in first.items():
+        if name != "log.jsonl":
+            assert (out / name).read_bytes() == content, name
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]  # steps 3-4 were redone, logged once
+    assert [r["step"] for r in records if "eval/loss" in r] == [4]
+    strip = [json.loads(line) for line in first["log.jsonl"].decode().splitlines() if '"config"' not in line]
+    assert [r for r in records if "config" not in r] == strip  # the redone steps log the very same values
+
+
+def test_predict_reads_no_train_split(setup, tmp_path):
+    """`scrolls-ssm predict` works on a folder with only the test split: the tokenizer comes from the model folder."""
+    from scrolls_ssm.cli import main
+
+    base, data, _ = setup
+    run = tmp_path / "run"
+    train(load_run_config(None, overrides(base, data, run, "train.max_steps=0", *FAST)))
+    test_only = write_task_data(tmp_path / "test-only", sizes=(("test", 5),))
+    predicted = tmp_path / "predicted"
+    common = [f"data.data_dir={test_only}", "data.tasks=[contract_nli]", "model.max_source_positions=96"]
+    assert main(["predict", "--model", str(run / "model"), "--output-dir", str(predicted), *common]) == 0
+    assert sorted(json.loads((predicted / "predictions" / "test" / "contract_nli.json").read_text())) == [
+        f"test-{i}" for i in range(5)
+    ]
+    assert "## Scores on the test split" in (predicted / "report.md").read_text()
+
+
+def test_resume_flag_means_resume_auto(setup, tmp_path, capsys):
+    from scrolls_ssm.cli import _build_parser, _train_overrides, main
+
+    def parsed(*argv: str) -> list[str]:
+        return _train_overrides(_build_parser().parse_args(["train", *argv]))
+
+    assert parsed("--resume") == ["train.resume=auto"]
+    assert parsed("--resume", "runs/x/checkpoints/step_00000002") == ["train.resume=runs/x/checkpoints/step_00000002"]
+    assert parsed("--resume", "train.seed=1", "data.num_proc=2") == [
+        "train.seed=1",
+        "data.num_proc=2",
+        "train.resume=auto",
+    ]
+    assert parsed("train.seed=1") == ["train.seed=1"]
+
+    base, data, _ = setup
+    out = tmp_path / "run"
+    args = ["train", "--resume", *overrides(base, data, out, "train.max_steps=2", *FAST)]
+    assert main(args) == 0  # a first start: nothing to resume, so it starts fresh
+    assert "Resumed from" not in capsys.readouterr().out
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    assert main(args) == 0  # the same command again: resumes the finished run, which only redoes its outputs
+    assert f"Resumed from {out / 'checkpoints' / 'step_00000002'} (epoch 1, step 2)" in capsys.readouterr().out
+    assert (out / "model" / "model.safetensors").read_bytes() == weights
