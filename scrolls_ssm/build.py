@@ -1,18 +1,92 @@
-"""From a run config to the tokenizer, the model and the optimizer."""
+"""From a run config to the tokenizer, the model and the optimizer.
+
+This is where the model section of the run config meets transformers and the Hub, so errors from there are turned
+into `RunConfigError`s naming the key: an invalid `ScrollsSSMConfig` field (`model.encoder_layer_types`,
+`model.config.<field>`), a checkpoint path that does not exist, or a Hub id that cannot be fetched offline.
+"""
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase
+from huggingface_hub.errors import HFValidationError, StrictDataclassError
+from huggingface_hub.utils import validate_repo_id
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, BartConfig, PreTrainedTokenizerBase
 
-from .config import ModelConfig, RunConfig
-from .modeling.configuration_scrolls_ssm import ScrollsSSMConfig
+from .config import ModelConfig, RunConfig, RunConfigError
 from .convert import load_tokenizer, swap_encoder
+from .errors import hub_unreachable, offline_note
+from .modeling.configuration_scrolls_ssm import ScrollsSSMConfig
 from .modeling.mixer_base import optim_hints
 from .modeling.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
+
+_Loaded = TypeVar("_Loaded")
+# ScrollsSSMConfig fields that have a model.* key of their own.
+_OWN_KEYS = {name: f"model.{name}" for name in ("encoder_layer_types", "max_source_positions", "attention_window")}
+
+
+def _load_pretrained(key: str, name: str, load: Callable[[str], _Loaded]) -> _Loaded:
+    """`load(name)` for a run-config key that names a local folder or a Hub id, with errors that name the key."""
+    if not Path(name).expanduser().exists():
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            raise RunConfigError(
+                f"{key}={name!r}: no such folder (and not a Hub id of the form owner/name either). Fix: give the "
+                "folder of a saved checkpoint (written by save_pretrained) or a Hub id such as facebook/bart-base."
+            ) from None
+    try:
+        return load(name)
+    except Exception as error:
+        if not hub_unreachable(error):
+            raise
+        raise RunConfigError(
+            f"{key}={name!r}: could not reach the Hugging Face Hub{offline_note()} to download it, and it is neither "
+            f"in the local Hub cache nor a local folder. Fix: set {key} to a local folder holding the checkpoint "
+            f"(fetch it where the Hub is reachable with `hf download {name} --local-dir DIR`, or save_pretrained), "
+            "or unset HF_HUB_OFFLINE on a machine that can reach the Hub."
+        ) from error
+
+
+def _config_field_error(error: StrictDataclassError) -> RunConfigError:
+    """A ScrollsSSMConfig validation error, reworded to name the run-config key (`model.config.<field>` unless the
+    field has a model.* key of its own)."""
+    text = " ".join(str(error.__cause__ or error).split())
+
+    def dotted(match: re.Match[str]) -> str:
+        return _OWN_KEYS.get(match.group(1), f"model.config.{match.group(1)}")
+
+    text, named = re.subn(r"ScrollsSSMConfig\.(\w+)", dotted, text)
+    if not named:  # a type error of the strict dataclass: "Field 'd_model' with value 'x' doesn't match ..."
+        field = re.search(r"[Ff]ield '(\w+)'", str(error))
+        text = (
+            f"{_OWN_KEYS.get(field.group(1), f'model.config.{field.group(1)}') if field else 'model.config'}: {text}"
+        )
+    return RunConfigError(text)
+
+
+def _check_config_keys(model_cfg: ModelConfig) -> None:
+    """model.config holds ScrollsSSMConfig fields only; with model.base, only those the checkpoint does not fix."""
+    fields = [name for name in ScrollsSSMConfig.__dataclass_fields__ if not name.startswith("_")]
+    for key, value in model_cfg.config.items():
+        if key in _OWN_KEYS:
+            raise RunConfigError(f"model.config.{key}={value!r}: set {_OWN_KEYS[key]} instead (it has its own key).")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"Did you mean {close[0]!r}?" if close else "See ScrollsSSMConfig for the valid fields."
+            raise RunConfigError(f"unknown model.config key {key!r} (model.config.{key}={value!r}). {hint}")
+        if model_cfg.base and not model_cfg.init_from and key in BartConfig.__dataclass_fields__:
+            raise RunConfigError(
+                f"model.config.{key}={value!r}: BART's own fields come from the model.base checkpoint "
+                f"({model_cfg.base!r}), so model.config may only set the mixer fields (ssm_*, s4d_*, mamba_*, "
+                "mamba2_*, gss_*) here. Fix: drop it, or set model.base=null to build the architecture from "
+                "model.config."
+            )
 
 
 def build_tokenizer(
@@ -23,7 +97,8 @@ def build_tokenizer(
     if (tokenizer_dir / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     elif model_cfg.init_from or model_cfg.tokenizer or model_cfg.base:
-        tokenizer = load_tokenizer(model_cfg.init_from or model_cfg.tokenizer or model_cfg.base)
+        key = "model.init_from" if model_cfg.init_from else "model.tokenizer" if model_cfg.tokenizer else "model.base"
+        tokenizer = _load_pretrained(key, model_cfg.init_from or model_cfg.tokenizer or model_cfg.base, load_tokenizer)
     else:
         from .synthetic import train_sentencepiece_tokenizer
 
@@ -40,18 +115,45 @@ def build_tokenizer(
 def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> ScrollsSSMForConditionalGeneration:
     """Swap the encoder of `base`, load `init_from`, or build from scratch from `model.config`."""
     layout = {"max_source_positions": model_cfg.max_source_positions, "attention_window": model_cfg.attention_window}
+    _check_config_keys(model_cfg)
+    try:
+        model = _build(model_cfg, tokenizer, layout)
+    except StrictDataclassError as error:
+        raise _config_field_error(error) from error
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {model.config.vocab_size}; "
+            "use the tokenizer that belongs to model.base / model.init_from."
+        )
+    model.set_attn_implementation(model_cfg.attn_implementation)
+    if model_cfg.activation_checkpointing:
+        model.activation_checkpointing_enable()
+    return model
+
+
+def _build(
+    model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, layout: dict[str, int | None]
+) -> ScrollsSSMForConditionalGeneration:
     if model_cfg.init_from:
-        model = AutoModelForSeq2SeqLM.from_pretrained(model_cfg.init_from)
+        model = _load_pretrained("model.init_from", model_cfg.init_from, AutoModelForSeq2SeqLM.from_pretrained)
         if not isinstance(model, ScrollsSSMForConditionalGeneration):
             raise ValueError(
                 f"model.init_from={model_cfg.init_from!r} holds a {type(model).__name__}, not a scrolls_ssm model. "
                 "Use model.base for BART / LED checkpoints."
             )
     elif model_cfg.base:
-        layers = (
-            model_cfg.encoder_layer_types or ["attention"] * AutoConfig.from_pretrained(model_cfg.base).encoder_layers
+        base_config = _load_pretrained("model.base", model_cfg.base, AutoConfig.from_pretrained)
+        layers = model_cfg.encoder_layer_types or ["attention"] * base_config.encoder_layers
+        if len(layers) != base_config.encoder_layers:
+            example = ",".join(["s4d"] * (base_config.encoder_layers - 1) + ["attention"])
+            raise RunConfigError(
+                f"model.encoder_layer_types={layers!r} is invalid: expected one entry per encoder layer, and "
+                f"model.base {model_cfg.base!r} has {base_config.encoder_layers} encoder layers. Fix: give "
+                f"{base_config.encoder_layers} mixer kinds, e.g. model.encoder_layer_types=[{example}]."
+            )
+        model = _load_pretrained(
+            "model.base", model_cfg.base, lambda name: swap_encoder(name, layers, **layout, **model_cfg.config)
         )
-        model = swap_encoder(model_cfg.base, layers, **layout, **model_cfg.config)
     else:
         special = {
             "vocab_size": len(tokenizer),
@@ -66,14 +168,6 @@ def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> S
             fields["encoder_layer_types"] = model_cfg.encoder_layer_types
             fields.setdefault("encoder_layers", len(model_cfg.encoder_layer_types))
         model = ScrollsSSMForConditionalGeneration(ScrollsSSMConfig(**fields))
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {model.config.vocab_size}; "
-            "use the tokenizer that belongs to model.base / model.init_from."
-        )
-    model.set_attn_implementation(model_cfg.attn_implementation)
-    if model_cfg.activation_checkpointing:
-        model.activation_checkpointing_enable()
     return model
 
 

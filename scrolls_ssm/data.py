@@ -30,6 +30,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import hub_unreachable, offline_note
+
 HUB_RESOLVE_URL = "https://huggingface.co/datasets/tau/scrolls/resolve/main"
 SPLITS = ("train", "validation", "test")
 TEXT_FIELDS = ("id", "pid", "input", "output")
@@ -225,16 +227,38 @@ def _open_lines(source: _LocalSource) -> Iterator[bytes]:
             yield from handle
 
 
+class _SameInputPerId:
+    """Rows that share an id are the references of one example (Qasper and NarrativeQA have one row per pid), so they
+    must carry the same input; otherwise scoring would pool the references of different examples. Keeps one hash per
+    id, not the inputs."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.first: dict[str, tuple[str, int]] = {}  # id -> (where it first appeared, hash of its input)
+
+    def check(self, row: dict[str, Any], where: str) -> dict[str, Any]:
+        first_where, first_hash = self.first.setdefault(row["id"], (where, hash(row["input"])))
+        if first_hash != hash(row["input"]):
+            raise ScrollsDataError(
+                f"{self.label}, {where}: id {row['id']!r} was already used on {first_where} with a different input. "
+                "Rows that share an id are references of one example and must carry the same input. Fix: give this "
+                f"row its own id (and pid), or make its input identical to the one on {first_where}."
+            )
+        return row
+
+
 def _iter_records(source: _LocalSource, split: str, keep_is_hard: bool) -> Iterator[dict[str, Any]]:
     """Yield validated rows; raise ScrollsDataError at the first bad line, naming it."""
     count = 0
+    same_input = _SameInputPerId(source.label)
     if source.kind == "parquet":
         parquet = pq.ParquetFile(source.path)
         row_number = 0
         for batch in parquet.iter_batches(batch_size=1024):
             for record in batch.to_pylist():
                 row_number += 1
-                yield _validate_record(record, f"{source.label}, row {row_number}", split, keep_is_hard)
+                row = _validate_record(record, f"{source.label}, row {row_number}", split, keep_is_hard)
+                yield same_input.check(row, f"row {row_number}")
         count = row_number
     else:
         for line_number, raw in enumerate(_open_lines(source), start=1):
@@ -260,7 +284,8 @@ def _iter_records(source: _LocalSource, split: str, keep_is_hard: bool) -> Itera
                     f"{_preview(text)}. Fix: each line must hold one complete JSON object."
                 ) from None
             count += 1
-            yield _validate_record(record, f"{source.label}, line {line_number}", split, keep_is_hard)
+            row = _validate_record(record, f"{source.label}, line {line_number}", split, keep_is_hard)
+            yield same_input.check(row, f"line {line_number}")
     if count == 0:
         raise ScrollsDataError(
             f"{source.label}: holds no records. Fix: point at a SCROLLS {split} file with one JSON object per line."
@@ -314,7 +339,7 @@ def _load_local(spec: TaskSpec, split: str, source: _LocalSource, cache_dir: str
     keep_is_hard = spec.data_name == "quality" and _first_record_has_is_hard(source)
     stat = source.path.stat()
     key = json.dumps(
-        [1, str(source.path.resolve()), source.member, stat.st_size, stat.st_mtime_ns, spec.data_name, split]
+        [2, str(source.path.resolve()), source.member, stat.st_size, stat.st_mtime_ns, spec.data_name, split]
     )
     root = _cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -324,16 +349,28 @@ def _load_local(spec: TaskSpec, split: str, source: _LocalSource, cache_dir: str
     return datasets.Dataset.from_file(str(arrow_path), split=split)
 
 
+def _hub_unreachable_error(spec: TaskSpec, split: str, reason: str) -> ScrollsDataError:
+    return ScrollsDataError(
+        f"could not reach the Hugging Face Hub{reason} to download the {split} split of {spec.name!r} from the "
+        f"tau/scrolls dataset ({spec.hub_url}), and no local data was given. Fix: download {spec.hub_zip} where the "
+        "Hub is reachable and point at it (or at a folder holding it, or <task>/<split>.jsonl files): "
+        "data.data_dir=<folder or zip> in a run config, data_files= for load_scrolls; or unset HF_HUB_OFFLINE / "
+        "HF_DATASETS_OFFLINE on a machine that can reach the Hub."
+    )
+
+
 def _load_from_hub(spec: TaskSpec, split: str, cache_dir: str | os.PathLike[str] | None) -> datasets.Dataset:
     url = f"zip://{spec.data_name}/{split}.jsonl::{spec.hub_url}"
-    if datasets.config.HF_DATASETS_OFFLINE:
-        raise ScrollsDataError(
-            f"HF_DATASETS_OFFLINE is set and no data_files were given for {spec.name!r}: datasets refuses "
-            f"zip:// URLs offline. Fix: download {spec.hub_url} once and pass data_files=<that zip>."
+    if datasets.config.HF_DATASETS_OFFLINE:  # datasets refuses zip:// URLs offline, even for a cached download
+        raise _hub_unreachable_error(spec, split, offline_note() or " (offline mode is on)")
+    try:
+        dataset = datasets.load_dataset(
+            "json", data_files={split: url}, split=split, cache_dir=None if cache_dir is None else str(cache_dir)
         )
-    dataset = datasets.load_dataset(
-        "json", data_files={split: url}, split=split, cache_dir=None if cache_dir is None else str(cache_dir)
-    )
+    except Exception as error:
+        if not hub_unreachable(error):
+            raise
+        raise _hub_unreachable_error(spec, split, offline_note()) from error
     return _check_hub_table(dataset, url, split, keep_is_hard=spec.data_name == "quality")
 
 

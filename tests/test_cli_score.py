@@ -70,7 +70,7 @@ def test_score_summarization_from_a_folder(tmp_path, capsys):
 def test_score_reports_missing_ids_without_traceback(tmp_path, qasper_zip, capsys):
     predictions = write_predictions({"a": "x"}, tmp_path / "p.json")
     argv = ["score", "--task", "qasper", "--predictions", str(predictions), "--references", str(qasper_zip)]
-    assert main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 1
+    assert main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("scrolls-ssm score: error: no prediction for 2 id(s): 'b', 'c'")
 
@@ -89,7 +89,7 @@ def test_submit_builds_and_validates(tmp_path, capsys):
     assert "gov_report 2" in capsys.readouterr().out
 
     write_predictions({"t1": "only one"}, prediction_path(tmp_path / "preds", "qmsum"))
-    assert main([*argv, "--references-dir", str(references)]) == 1
+    assert main([*argv, "--references-dir", str(references)]) == 2
     assert "qmsum: predictions do not match the split's ids: missing 1 id(s): 't2'" in capsys.readouterr().err
 
 

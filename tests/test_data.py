@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import zipfile
+from pathlib import Path
 
 import datasets
 import pyarrow as pa
@@ -296,6 +297,32 @@ def test_hub_route_rejects_null_outputs_outside_test(monkeypatch):
 def test_hub_route_offline_says_what_to_do():
     with pytest.raises(
         ScrollsDataError,
-        match=r"HF_DATASETS_OFFLINE is set .* download https://huggingface.co/datasets/tau/scrolls/resolve/main/qmsum.zip",
+        match=r"could not reach the Hugging Face Hub \(.*\) to download the validation split of "
+        r"'qmsum' from the tau/scrolls dataset \(https://huggingface.co/datasets/tau/scrolls/resolve/main/qmsum.zip\)"
+        r".* Fix: download qmsum.zip .* data.data_dir=<folder or zip>",
     ):
         load_scrolls("qmsum", "validation")
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_rows_sharing_an_id_must_share_the_input(tmp_path, kind):
+    rows = rows_for([("a", "one"), ("b", "two"), ("a", "three")])
+    assert rows[0]["input"] == rows[2]["input"]  # one row per reference: a legal repeat
+    assert load_scrolls("qasper", "validation", data_files=_write(tmp_path / "ok", rows, kind)).num_rows == 3
+    rows[2]["input"] = "another paper"
+    bad = _write(tmp_path / "bad", rows, kind)
+    where = (
+        "line 3: id 'a' was already used on line 1" if kind == "jsonl" else "row 3: id 'a' was already used on row 1"
+    )
+    with pytest.raises(ScrollsDataError) as raised:
+        load_scrolls("qasper", "validation", data_files=bad)
+    assert str(raised.value).startswith(f"{bad}, {where} with a different input.")
+    assert "Fix: give this row its own id (and pid)" in str(raised.value)
+
+
+def _write(folder: Path, rows: list[dict], kind: str) -> Path:
+    if kind == "jsonl":
+        return write_jsonl(folder / "validation.jsonl", rows)
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "validation.parquet")
+    return folder / "validation.parquet"
