@@ -1,8 +1,10 @@
 """The `scrolls-ssm` command line.
 
 Each subcommand is one `add_parser` call in `_build_parser()` plus one `_run_<name>(args) -> int` function set
-as its `func`; `main` parses, dispatches, and turns the toolkit's ValueErrors (which already name the file,
-field and fix) into a one-line message and exit status 1 instead of a traceback.
+as its `func`; `main` parses and dispatches. A user error (see `scrolls_ssm.errors`: a bad key, value, file or
+unreachable Hub id, whose message already names it and the fix) is printed as one line with exit status 2, like
+argparse's own usage errors; `--debug` (before or after the subcommand) shows its traceback instead. Anything else is
+a bug and keeps its traceback. `run_finetune.py` is the `train` subcommand on its own parser (`run_finetune_main`).
 
     scrolls-ssm score --task qasper --predictions preds/qasper.json --references data/qasper.zip
     scrolls-ssm submit --predictions-dir preds --output submission.csv --references-dir data
@@ -17,10 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from scrolls_ssm.data import SCORED_TASKS, SPLITS, TASKS, group_references, load_scrolls
+from scrolls_ssm.errors import USER_ERRORS, one_line
 from scrolls_ssm.metrics import compute_scrolls_metrics
 from scrolls_ssm.submission import (
     build_submission_csv,
@@ -82,11 +85,30 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
     return [*overrides, f"train.resume={args.resume}"]
 
 
+class CommandLineError(ValueError):
+    """A command-line option whose value cannot be used; the message names the option, the value and the fix."""
+
+
+def _check_model_folder(option: str, value: str) -> None:
+    """`--model` must be a folder written by `save_pretrained` (a training run's `model/`), checked before any work."""
+    path = Path(value).expanduser()
+    expected = (
+        "the model/ folder a training run wrote (it holds config.json and model.safetensors), e.g. runs/qasper/model"
+    )
+    if not path.exists():
+        raise CommandLineError(f"{option} {value}: no such folder. Pass {expected}.")
+    if not path.is_dir():
+        raise CommandLineError(f"{option} {value}: is a file, not a folder. Pass {expected}.")
+    if not (path / "config.json").is_file():
+        raise CommandLineError(f"{option} {value}: has no config.json, so it is not a saved model. Pass {expected}.")
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate (or, for `predict`, only predict) a trained model: the training loop with zero steps."""
     from scrolls_ssm.config import load_run_config
     from scrolls_ssm.train import train
 
+    _check_model_folder("--model", args.model)
     split = args.split
     fixed = [
         f"model.init_from={args.model}",
@@ -110,6 +132,13 @@ def _run_push(args: argparse.Namespace) -> int:
     return run_push(args)
 
 
+_DEBUG_HELP = "show the traceback of an error instead of a one-line message"
+
+
+def _add_debug_argument(parser: argparse.ArgumentParser, default: object = False) -> None:
+    parser.add_argument("--debug", action="store_true", default=default, help=_DEBUG_HELP)
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default=None, help="a recipe YAML, e.g. recipes/qasper.yaml")
     parser.add_argument(
@@ -117,8 +146,27 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `train`, shared by `scrolls-ssm train` and `run_finetune.py` (add new train options here)."""
+    _add_run_arguments(parser)
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="PATH",
+        help="continue the run in train.output_dir: alone, its newest checkpoint (or a fresh start if it has none); "
+        "with PATH, that checkpoint. Same as train.resume=auto|PATH",
+    )
+    parser.set_defaults(func=_run_train)
+
+
+_TRAIN_DESCRIPTION = "Train with Accelerate: defaults < recipe YAML < key=value overrides. See docs/training.md."
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scrolls-ssm", description="Long-document seq2seq on SCROLLS.")
+    _add_debug_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     score = commands.add_parser(
@@ -157,19 +205,9 @@ def _build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="fine-tune and evaluate a recipe (accelerate launch for several processes)",
-        description="Train with Accelerate: defaults < recipe YAML < key=value overrides. See docs/training.md.",
+        description=_TRAIN_DESCRIPTION,
     )
-    _add_run_arguments(train)
-    train.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="PATH",
-        help="continue the run in train.output_dir: alone, its newest checkpoint (or a fresh start if it has none); "
-        "with PATH, that checkpoint. Same as train.resume=auto|PATH",
-    )
-    train.set_defaults(func=_run_train)
+    _add_train_arguments(train)
     for name, split, what in (("evaluate", "validation", "score"), ("predict", "test", "predict")):
         sub = commands.add_parser(
             name, help=f"{what} a trained model on a split", description=f"{what.capitalize()} a trained model."
@@ -187,17 +225,36 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     add_push_arguments(push)
     push.set_defaults(func=_run_push)
+    for subparser in commands.choices.values():
+        # SUPPRESS: a subcommand without --debug keeps the value the top-level parser set.
+        _add_debug_argument(subparser, default=argparse.SUPPRESS)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
+def _dispatch(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, label: Callable[[argparse.Namespace], str]
+) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as error:
-        print(f"scrolls-ssm {args.command}: error: {error}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"{label(args)}: error: {one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`scrolls-ssm`: exit status 0 on success, 2 for a user error (one line on stderr), a traceback for a bug."""
+    return _dispatch(_build_parser(), argv, lambda args: f"scrolls-ssm {args.command}")
+
+
+def run_finetune_main(argv: Sequence[str] | None = None, prog: str = "run_finetune.py") -> int:
+    """`python run_finetune.py [--debug] --recipe ... [key=value ...]`: the `train` subcommand under its own name."""
+    parser = argparse.ArgumentParser(prog=prog, description=_TRAIN_DESCRIPTION)
+    _add_debug_argument(parser)
+    _add_train_arguments(parser)
+    return _dispatch(parser, argv, lambda args: prog)
 
 
 if __name__ == "__main__":
