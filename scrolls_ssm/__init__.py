@@ -15,6 +15,7 @@ from .modeling.modeling_scrolls_ssm import (
     ScrollsSSMModel,
     ScrollsSSMPreTrainedModel,
 )
+from .optim import optimizer_cls_and_kwargs, ssm_param_groups
 
 __version__ = "0.1.0"
 
@@ -36,5 +37,7 @@ __all__ = [
     "ScrollsSSMModel",
     "ScrollsSSMPreTrainedModel",
     "load_tokenizer",
+    "optimizer_cls_and_kwargs",
+    "ssm_param_groups",
     "swap_encoder",
 ]

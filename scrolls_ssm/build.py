@@ -22,8 +22,8 @@ from .config import ModelConfig, RunConfig, RunConfigError
 from .convert import load_tokenizer, swap_encoder
 from .errors import hub_unreachable, offline_note
 from .modeling.configuration_scrolls_ssm import ScrollsSSMConfig
-from .modeling.mixer_base import optim_hints
 from .modeling.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
+from .optim import ssm_param_groups
 
 _Loaded = TypeVar("_Loaded")
 # ScrollsSSMConfig fields that have a model.* key of their own.
@@ -172,28 +172,10 @@ def _build(
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW with three kinds of group: decayed weights, undecayed biases / norms / embeddings' padding-free
-    vectors, and the state-space parameters that carry an `_optim` hint (their own lr, no weight decay)."""
-    hints = optim_hints(model)
-    decay, no_decay, hinted = [], [], {}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        hint = hints.get(name)
-        if hint is not None:
-            key = tuple(sorted(hint.items()))
-            hinted.setdefault(key, []).append(parameter)
-        elif parameter.dim() < 2 or "norm" in name:
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
-    groups = [
-        {"params": decay, "weight_decay": cfg.train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    groups += [{"params": params, **dict(key)} for key, params in hinted.items()]
+    """AdamW over `optim.ssm_param_groups`: decayed weights, undecayed biases and norms, and the state-space
+    parameters that carry an optimizer hint (their own lr, no weight decay). Trainer users get the same groups."""
     return torch.optim.AdamW(
-        [group for group in groups if group["params"]],
+        ssm_param_groups(model, weight_decay=cfg.train.weight_decay),
         lr=cfg.train.learning_rate,
         betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         eps=cfg.train.adam_epsilon,
