@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
@@ -295,7 +295,19 @@ class _RunFacts(NamedTuple):
     max_length: int  # the input length the model was trained on, capped by what its encoder accepts
     base: str | None  # model.base as recorded: a Hub id or a local path
     base_hub_id: str | None  # `base` when it names a Hub model, for the `base_model` metadata (a path would not)
-    synthetic: bool  # trained and scored on scrolls_ssm.synthetic's demo data, not on SCROLLS
+    # Where the training and evaluation data came from: "hub" (tau/scrolls, the only source whose scores are indexed as
+    # SCROLLS results), "local" (files at `data_dir`), "synthetic" (scrolls_ssm.synthetic's demo data at `data_dir`),
+    # or "unrecorded" (no run_config.yaml).
+    data_source: Literal["hub", "local", "synthetic", "unrecorded"]
+    data_dir: str | None
+
+    @property
+    def synthetic(self) -> bool:
+        return self.data_source == "synthetic"
+
+    @property
+    def from_hub(self) -> bool:
+        return self.data_source == "hub"
 
 
 def _run_facts(info: _ModelDir) -> _RunFacts:
@@ -316,7 +328,15 @@ def _run_facts(info: _ModelDir) -> _RunFacts:
         hub_id = None if base.startswith((".", "~")) or Path(base).exists() else base
     except (HFValidationError, AttributeError):
         hub_id = None
-    return _RunFacts(tasks, max_length, base, hub_id, bool(_get(info.run_config, "data.synthetic")))
+    data_dir = _get(info.run_config, "data.data_dir")
+    data_dir = None if data_dir is None else str(data_dir)
+    if info.run_config is None:
+        source = "unrecorded"
+    elif _get(info.run_config, "data.synthetic"):
+        source = "synthetic"
+    else:
+        source = "hub" if data_dir is None else "local"
+    return _RunFacts(tasks, max_length, base, hub_id, source, data_dir)
 
 
 def _card_data(info: _ModelDir, repo_id: str, license: str | None) -> ModelCardData:
@@ -327,12 +347,13 @@ def _card_data(info: _ModelDir, repo_id: str, license: str | None) -> ModelCardD
         library_name="transformers",
         pipeline_tag="summarization" if summarization_only else "text2text-generation",
         tags=["scrolls", "long-context", "state-space-model", *kinds],
-        datasets=None if facts.synthetic else ["tau/scrolls"],
+        datasets=["tau/scrolls"] if facts.from_hub else None,
         base_model=facts.base_hub_id,
         license=license,
         model_name=repo_id.split("/")[-1],
-        # Scores on the synthetic demo data are not SCROLLS results and must not be indexed as such.
-        eval_results=_eval_results(info.metrics) if info.metrics and not facts.synthetic else None,
+        # Only scores on the Hub's tau/scrolls are SCROLLS results; scores on local files (which may be other splits,
+        # a subset or other data altogether) or the synthetic demo data must not be indexed as such.
+        eval_results=_eval_results(info.metrics) if info.metrics and facts.from_hub else None,
     )
 
 
@@ -345,7 +366,12 @@ def _card_body(info: _ModelDir, repo_id: str) -> Iterator[str]:
     tasks, config, run = facts.tasks, info.config, info.run_config
     layer_types = _encoder_layer_types(config)
     window = config.get("attention_window")
-    data = "synthetic demo data in the SCROLLS format, not on SCROLLS itself," if facts.synthetic else "SCROLLS"
+    data = {
+        "hub": "SCROLLS (the tau/scrolls dataset on the Hub)",
+        "local": f"local data in the SCROLLS format from `{facts.data_dir}`",
+        "synthetic": "synthetic demo data in the SCROLLS format, not on SCROLLS itself,",
+        "unrecorded": "data whose source was not recorded",
+    }[facts.data_source]
     yield f"{CARD_MARKER}\n\n# {repo_id.split('/')[-1]}\n"
     yield (
         f"An encoder-decoder for long documents, fine-tuned on {data} ({', '.join(tasks) or 'tasks not recorded'})."
@@ -381,6 +407,11 @@ def _card_body(info: _ModelDir, repo_id: str) -> Iterator[str]:
             "Base checkpoint": base_line,
             "Recipe": _get(run, "recipe"),
             "Tasks": ", ".join(tasks),
+            "Data": {
+                "hub": "[tau/scrolls](https://huggingface.co/datasets/tau/scrolls)",
+                "local": f"local files at `{facts.data_dir}`",
+                "synthetic": f"synthetic demo data written to `{facts.data_dir}`",
+            }[facts.data_source],
             "Max input length (tokens)": _get(run, "data.max_source_length"),
             "Learning rate": _get(run, "train.learning_rate"),
             "Epochs": _get(run, "train.num_epochs"),
@@ -403,7 +434,14 @@ def _card_body(info: _ModelDir, repo_id: str) -> Iterator[str]:
                 )
                 score = f"{_format_value(values.get(score_key))} ({_METRICS[score_key][1]})"
                 rows.append(f"| {task} | {split} | {score} | {shown} | {_format_value(values.get('num_predicted'))} |")
-        note = " These are scores on synthetic demo data, not SCROLLS results." if facts.synthetic else ""
+        note = {
+            "hub": "",
+            "local": f" These scores come from the local data at `{facts.data_dir}` on the machine that trained the "
+            "model, not from the Hub's tau/scrolls, so they are not listed as SCROLLS results in the metadata.",
+            "synthetic": " These are scores on synthetic demo data, not SCROLLS results.",
+            "unrecorded": " The data they come from was not recorded (no run_config.yaml), so they are not listed as "
+            "SCROLLS results in the metadata.",
+        }[facts.data_source]
         yield (
             "\n".join(rows) + f"\n\nScores follow the official SCROLLS metric (x 100).{note} `metrics.json` has all.\n"
         )

@@ -279,6 +279,41 @@ def test_synthetic_demo_runs_are_not_indexed_as_scrolls(model, tmp_path):
     assert "synthetic demo data" in card.text and f"`{local_base}`" in card.text
 
 
+def test_local_data_runs_say_where_the_scores_come_from_and_are_not_indexed(model, tmp_path):
+    directory, _ = model
+    data_dir = tmp_path / "my-scrolls"
+    run = {**RUN_CONFIG, "data": {**RUN_CONFIG["data"], "data_dir": str(data_dir)}}
+    (directory / "run_config.yaml").write_text(yaml.safe_dump(run))
+    card = build_model_card(directory, REPO_ID)
+    meta = card.data.to_dict()
+    assert "model-index" not in meta and "datasets" not in meta
+    assert meta["base_model"] == "facebook/bart-base"
+    assert (
+        f"fine-tuned on local data in the SCROLLS format from `{data_dir}` (gov_report, qasper, quality)" in card.text
+    )
+    assert f"- Data: local files at `{data_dir}`" in card.text
+    assert f"These scores come from the local data at `{data_dir}` on the machine that trained the model" in card.text
+    assert "tau/scrolls" in card.text and "| qasper | validation | 26.3 (F1) |" in card.text  # the table stays
+
+
+def test_hub_data_runs_are_indexed_as_tau_scrolls(model):
+    directory, _ = model
+    run = {**RUN_CONFIG, "data": {**RUN_CONFIG["data"], "data_dir": None}}
+    (directory / "run_config.yaml").write_text(yaml.safe_dump(run))
+    card = build_model_card(directory, REPO_ID)
+    assert card.data.to_dict()["datasets"] == ["tau/scrolls"] and len(card.data.eval_results) == 7
+    assert "fine-tuned on SCROLLS (the tau/scrolls dataset on the Hub)" in card.text
+    assert "- Data: [tau/scrolls](https://huggingface.co/datasets/tau/scrolls)" in card.text
+
+
+def test_metrics_without_a_run_config_are_not_indexed(model):
+    directory, _ = model
+    (directory / "run_config.yaml").unlink()
+    card = build_model_card(directory, REPO_ID)
+    assert "model-index" not in card.data.to_dict() and "datasets" not in card.data.to_dict()
+    assert "The data they come from was not recorded (no run_config.yaml)" in card.text
+
+
 @pytest.mark.parametrize(
     ("layer_types", "expected"),
     [
