@@ -1,0 +1,294 @@
+"""Long-range probe: does an encoder use facts thousands of tokens away? Every contender is trained from scratch with
+the toolkit's own loop on the probe tasks of `scrolls_ssm.probe` (needles, multi-key needles, variable tracking,
+aggregation), with the same recipe, width, depth, steps and token budget, then scored by exact match on held-out
+inputs at every length and needle depth.
+
+    python benchmarks/long_range_probe.py                         # the default sweep (lengths 1K, 4K, 16K)
+    python benchmarks/long_range_probe.py --quick                 # smoke test: tiny sizes, two contenders
+    python benchmarks/long_range_probe.py --contenders s4d gss-hybrid --lengths 1024 4096 16384 32768
+
+Each contender trains in its own process (`run_finetune.py`, as a user would run it) and its cells are appended to
+the CSV as soon as it finishes: an interrupted sweep resumes with the contenders it has not finished (`--resume`).
+Outputs: `<out>/long_range_probe[_quick].csv`, `.md` (task x contender x length) and one heatmap PNG per task; see
+docs/long_range.md for the findings and the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from probe_report import write_outputs
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).resolve().parent / "results" / "long_range"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every contender shares: model width and depth, the data, and the training budget."""
+
+    d_model: int = 64
+    encoder_layers: int = 4
+    decoder_layers: int = 1
+    heads: int = 4
+    ffn_dim: int = 128
+    window: int = 512  # block-local attention window (also the hybrids' attention layer)
+    truncate: int = 1024  # what the truncation baseline reads
+    vocab_size: int = 1000
+    train_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 16384)
+    train_rows_per_length: int = 300
+    eval_lengths: tuple[int, ...] = (1024, 4096, 16384)
+    depths: tuple[int, ...] = (0, 25, 50, 75, 100)
+    eval_rows_per_cell: int = 4
+    steps: int = 1500
+    tokens_per_batch: int = 16384
+    learning_rate: float = 1e-3
+    seed: int = 0
+
+
+QUICK = Setup(
+    d_model=32,
+    encoder_layers=2,
+    heads=2,
+    ffn_dim=64,
+    window=64,
+    truncate=384,
+    vocab_size=300,
+    train_lengths=(384, 512),
+    train_rows_per_length=10,
+    eval_lengths=(384, 768),
+    depths=(0, 100),
+    eval_rows_per_cell=1,
+    steps=6,
+    tokens_per_batch=1024,
+)
+
+# Contender -> what it is. Layouts mirror benchmarks/encoder_scaling.py; every other setting is shared.
+CONTENDERS = {
+    "s4d": "all layers bidirectional S4D",
+    "mamba2": "all layers bidirectional Mamba-2 (SSD)",
+    "mamba": "all layers bidirectional Mamba (selective scan)",
+    "gss-hybrid": "GSS layers, the last layer block-local attention",
+    "s4d-hybrid": "S4D layers, the last layer block-local attention",
+    "local-attention": "block-local attention in every layer",
+    "attention": "full attention in every layer (BART's encoder)",
+    "truncated": "full attention reading only the first `truncate` tokens (BART's 1,024)",
+}
+
+
+def layout(contender: str, layers: int) -> list[str]:
+    kind = {"s4d": "s4d", "mamba2": "mamba2", "mamba": "mamba", "gss-hybrid": "gss", "s4d-hybrid": "s4d"}
+    if contender.endswith("-hybrid"):
+        return [kind[contender]] * (layers - 1) + ["attention"]
+    return [kind.get(contender, "attention")] * layers
+
+
+def overrides(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: Path, out_dir: Path) -> list[str]:
+    """The run_finetune.py overrides of one contender: everything but the encoder layout is shared."""
+    limit = max(setup.eval_lengths + setup.train_lengths) + 16  # room for <s> / </s>, a multiple of 8
+    if contender == "truncated":
+        limit = setup.truncate
+    windowed = contender == "local-attention" or contender.endswith("-hybrid")
+    config = {
+        "d_model": setup.d_model,
+        "encoder_ffn_dim": setup.ffn_dim,
+        "decoder_ffn_dim": setup.ffn_dim,
+        "encoder_attention_heads": setup.heads,
+        "decoder_attention_heads": setup.heads,
+        "decoder_layers": setup.decoder_layers,
+        "max_position_embeddings": 64,
+        "dropout": 0.0,
+        "init_std": 0.1,  # see docs/demo.md: BART's 0.02 lets a from-scratch encoder collapse to a constant
+        "s4d_d_state": 32,
+        "gss_d_state": 32,
+        "mamba2_headdim": min(32, 2 * setup.d_model),
+        "mamba2_chunk_size": 64,
+    }
+    return [
+        "model.base=null",
+        f"model.tokenizer={tokenizer_dir}",
+        f"model.encoder_layer_types={json.dumps(layout(contender, setup.encoder_layers))}",
+        f"model.max_source_positions={limit}",
+        f"model.attention_window={setup.window if windowed else 'null'}",
+        f"model.config={json.dumps(config)}",
+        "data.tasks=[quality]",
+        f"data.data_dir={data_dir}",
+        f"data.max_source_length={limit}",
+        "data.max_target_length=16",
+        f"data.max_tokens_per_batch={setup.tokens_per_batch}",
+        "data.predict_splits=[validation]",
+        f"train.output_dir={out_dir}",
+        f"train.max_steps={setup.steps}",
+        "train.num_epochs=100",
+        f"train.learning_rate={setup.learning_rate}",
+        "train.warmup_ratio=0.05",
+        "train.weight_decay=0.01",
+        f"train.seed={setup.seed}",
+        "eval.max_new_tokens=16",
+        f"eval.max_tokens_per_batch={2 * max(setup.eval_lengths)}",
+    ]
+
+
+def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
+    """The shared tokenizer and the probe dataset, written once per setup (kept when the setup is unchanged)."""
+    from transformers import AutoTokenizer
+
+    from scrolls_ssm.probe import probe_rows, write_probe_dataset
+    from scrolls_ssm.synthetic import train_sentencepiece_tokenizer
+
+    data_dir, tokenizer_dir, marker = out / "data", out / "tokenizer", out / "data" / "setup.json"
+    settings = json.dumps(asdict(setup), sort_keys=True)
+    if marker.is_file() and marker.read_text() == settings:
+        return data_dir, tokenizer_dir
+    shutil.rmtree(data_dir, ignore_errors=True)
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    # Lengths are counted in the tokenizer's tokens, so it is trained first, on word-counted examples of every task.
+    sample = [row["input"] + " " + row["output"] for row in probe_rows(
+        ("single_needle", "multi_key_needle", "variable_tracking", "aggregation"), (512,), [None], 40, setup.seed,
+        "tokenizer")]  # fmt: skip
+    tokenizer = train_sentencepiece_tokenizer(sample, tokenizer_dir / "_sentencepiece", vocab_size=setup.vocab_size)
+    tokenizer.save_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    write_probe_dataset(
+        data_dir,
+        train_lengths=setup.train_lengths,
+        num_train_per_length=setup.train_rows_per_length,
+        eval_lengths=setup.eval_lengths,
+        depths=setup.depths,
+        num_eval_per_cell=setup.eval_rows_per_cell,
+        seed=setup.seed,
+        count_tokens=count,
+    )
+    marker.write_text(settings)
+    return data_dir, tokenizer_dir
+
+
+def run_contender(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: Path, out: Path) -> list[dict]:
+    """Train and evaluate one contender in its own process; one CSV row per (task, length, depth) cell."""
+    from scrolls_ssm.data import group_references, load_scrolls
+    from scrolls_ssm.probe import PROBE_SCROLLS_TASK, probe_scores
+
+    run_dir = out / "runs" / contender
+    shutil.rmtree(run_dir, ignore_errors=True)  # the sweep owns this folder; a contender always starts fresh
+    command = [
+        sys.executable,
+        str(REPO / "run_finetune.py"),
+        *overrides(contender, setup, data_dir, tokenizer_dir, run_dir),
+    ]
+    started = time.monotonic()
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    log = out / "runs" / f"{contender}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as handle:
+        process = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    seconds = time.monotonic() - started
+    if process.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+        return [{"contender": contender, "status": "error", "note": tail[0][:300], "seconds": round(seconds)}]
+    predictions = json.loads((run_dir / "predictions" / "validation" / f"{PROBE_SCROLLS_TASK}.json").read_text())
+    _, references = group_references(load_scrolls(PROBE_SCROLLS_TASK, "validation", data_files=str(data_dir)))
+    return [
+        {
+            "contender": contender,
+            "task": task,
+            "length": length,
+            "depth": "all" if depth is None else depth,
+            "exact_match": round(score, 2),
+            "rows": setup.eval_rows_per_cell,
+            "status": "ok",
+            "seconds": round(seconds),
+            "steps": setup.steps,
+        }
+        for (task, length, depth), score in probe_scores(predictions, references).items()
+    ]
+
+
+def naive_rows(setup: Setup, data_dir: Path) -> list[dict]:
+    """The best constant training answer per task, as a contender named `naive` (length and depth: all)."""
+    from scrolls_ssm.data import group_references, load_scrolls
+    from scrolls_ssm.probe import PROBE_SCROLLS_TASK, probe_naive_baseline
+
+    train = load_scrolls(PROBE_SCROLLS_TASK, "train", data_files=str(data_dir))
+    _, references = group_references(load_scrolls(PROBE_SCROLLS_TASK, "validation", data_files=str(data_dir)))
+    return [
+        {
+            "contender": "naive",
+            "task": task,
+            "length": "all",
+            "depth": "all",
+            "exact_match": round(score, 2),
+            "status": "ok",
+        }  # fmt: skip
+        for task, score in probe_naive_baseline(train, references).items()
+    ]
+
+
+def load_previous(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), help="default: all")
+    parser.add_argument("--lengths", nargs="+", type=int, help="evaluation lengths in tokens (default 1K 4K 16K)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per contender")
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny model and data, two contenders")
+    parser.add_argument("--resume", action="store_true", help="keep contenders finished in an earlier CSV")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Runs the sweep and returns the CSV path."""
+    args = parse_args(argv)
+    setup = QUICK if args.quick else Setup()
+    if args.lengths:
+        setup = Setup(**{**asdict(setup), "eval_lengths": tuple(sorted(args.lengths))})
+    if args.steps:
+        setup = Setup(**{**asdict(setup), "steps": args.steps})
+    contenders = args.contenders or (["s4d", "truncated"] if args.quick else list(CONTENDERS))
+    stem = "long_range_probe" + ("_quick" if args.quick else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = args.out / f"{stem}.csv"
+    command = "python benchmarks/long_range_probe.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    meta = {"command": command.strip(), **asdict(setup)}
+
+    data_dir, tokenizer_dir = prepare_data(setup, args.out)
+    rows = [row for row in load_previous(csv_path) if row["contender"] != "naive"] if args.resume else []
+    finished = {row["contender"] for row in rows if row["status"] == "ok"}
+    rows = naive_rows(setup, data_dir) + [row for row in rows if row["contender"] in finished]
+    for index, contender in enumerate(contenders, 1):
+        if contender in finished:
+            print(f"[{index}/{len(contenders)}] {contender}: kept from {csv_path.name}", flush=True)
+            continue
+        print(f"[{index}/{len(contenders)}] {contender}: training {setup.steps} steps ...", flush=True)
+        new = run_contender(contender, setup, data_dir, tokenizer_dir, args.out)
+        rows += new
+        ok = [float(row["exact_match"]) for row in new if row["status"] == "ok"]
+        summary = f"mean exact match {sum(ok) / len(ok):.1f}" if ok else f"{new[0]['status']}: {new[0]['note']}"
+        print(f"[{index}/{len(contenders)}] {contender}: {summary} ({new[0]['seconds']} s)", flush=True)
+        write_outputs(rows, args.out, stem, meta, plot=False)  # a partial sweep is never lost
+    paths = write_outputs(rows, args.out, stem, meta, plot=True)
+    print("wrote " + ", ".join(str(path) for path in paths), flush=True)
+    return csv_path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Smoke test of benchmarks/long_range_probe.py --quick: one contender trains through run_finetune.py, every
+(task, length, depth) cell is scored, the CSV / markdown / heatmaps are written, and --resume keeps finished work."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def long_range_probe():
+    sys.path.insert(0, str(BENCHMARKS))  # the benchmarks are scripts, not a package
+    try:
+        yield importlib.import_module("long_range_probe")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_quick_sweep_scores_every_cell_and_resumes(long_range_probe, tmp_path, capsys):
+    csv_path = long_range_probe.main(["--quick", "--contenders", "s4d", "--out", str(tmp_path)])
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    setup = long_range_probe.QUICK
+    cells = [row for row in rows if row["contender"] == "s4d"]
+    expected = 3 * len(setup.eval_lengths) * len(setup.depths) + len(setup.eval_lengths)  # aggregation: no depths
+    assert len(cells) == expected and all(row["status"] == "ok" for row in cells), rows
+    assert all(0.0 <= float(row["exact_match"]) <= 100.0 for row in cells)
+    assert {row["task"] for row in rows if row["contender"] == "naive"} == {
+        "single_needle", "multi_key_needle", "variable_tracking", "aggregation"
+    }  # fmt: skip
+    report = csv_path.with_suffix(".md").read_text()
+    assert "## variable_tracking (naive baseline" in report and "| s4d |" in report
+    for task in ("single_needle", "aggregation"):
+        assert (tmp_path / f"long_range_probe_quick_{task}.png").stat().st_size > 0
+
+    capsys.readouterr()
+    long_range_probe.main(["--quick", "--contenders", "s4d", "--resume", "--out", str(tmp_path)])
+    assert "s4d: kept from long_range_probe_quick.csv" in capsys.readouterr().out
+    with csv_path.open() as handle:
+        assert list(csv.DictReader(handle)) == rows
