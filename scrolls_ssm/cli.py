@@ -132,6 +132,17 @@ def _run_push(args: argparse.Namespace) -> int:
     return run_push(args)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for counts: an int >= 1 (argparse reports the option and the value on failure)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: it must be >= 1")
+    return value
+
+
 _DEBUG_HELP = "show the traceback of an error instead of a one-line message"
 
 
@@ -183,7 +194,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--split", default="validation", choices=[s for s in SPLITS if s != "test"])
     score.add_argument("--output", help="also write the metrics as JSON here")
-    score.add_argument("--num-proc", type=int, default=None, help="processes for ROUGE (summarization tasks)")
+    score.add_argument(
+        "--num-proc", type=_positive_int, default=None, help="processes for ROUGE (summarization tasks)"
+    )
     score.add_argument("--cache-dir", default=None, help="cache for validated data (default: datasets cache)")
     score.set_defaults(func=_run_score)
 

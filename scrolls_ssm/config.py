@@ -242,7 +242,14 @@ def load_run_config(recipe: str | os.PathLike | None = None, overrides: list[str
             raise RunConfigError(
                 f"override {override!r} is not of the form key=value (e.g. train.learning_rate=1e-4)."
             )
-        value = _parse_yaml(raw) if raw.strip() else None
+        try:
+            value = _parse_yaml(raw) if raw.strip() else None
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or " ".join(str(error).split())
+            raise RunConfigError(
+                f"override {override!r}: the value {raw!r} is not valid YAML ({problem}). Fix: write lists as [a,b], "
+                "and quote values with special characters, e.g. key='a: b'."
+            ) from None
         tree: dict[str, Any] = {}
         node = tree
         *parents, leaf = key.strip().split(".")
@@ -327,6 +334,22 @@ def _check(config: RunConfig) -> None:
         raise RunConfigError(f"train.num_epochs={config.train.num_epochs} must be >= 1 (or set train.max_steps).")
     if not config.data.tasks:
         raise RunConfigError("data.tasks is empty; name at least one SCROLLS task, e.g. data.tasks=[gov_report].")
+    from .data import SPLITS, TASKS  # here, not at the top: the data module imports datasets and pyarrow
+
+    for task in config.data.tasks:
+        if task not in TASKS:
+            close = difflib.get_close_matches(task, list(TASKS), n=1)
+            hint = f"Did you mean {close[0]!r}? " if close else ""
+            raise RunConfigError(
+                f"data.tasks={config.data.tasks!r} names an unknown SCROLLS task {task!r}. {hint}"
+                f"Valid tasks: {', '.join(TASKS)}."
+            )
+    for split in config.data.predict_splits:
+        if split not in SPLITS:
+            raise RunConfigError(
+                f"data.predict_splits={config.data.predict_splits!r} names an unknown split {split!r}; "
+                f"valid splits: {', '.join(SPLITS)}."
+            )
     if config.model.base is None and config.model.init_from is None and not config.model.config:
         raise RunConfigError(
             "model.base is null but model.config is empty: to train from scratch give the architecture in "

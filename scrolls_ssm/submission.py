@@ -66,6 +66,12 @@ def _check_prediction_map(predictions: object, source: str) -> None:
 def read_predictions(path: str | os.PathLike[str]) -> dict[str, str]:
     """Read a `{id: prediction}` JSON file, checking it is an object of strings."""
     path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ValueError(
+            f"predictions file {path} {what}. Fix: pass the JSON object {{id: prediction}} a run wrote, e.g. "
+            "runs/<recipe>/predictions/validation/<task>.json."
+        )
     try:
         predictions = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:

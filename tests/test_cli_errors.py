@@ -243,6 +243,31 @@ def test_score_rejects_duplicate_ids_with_different_inputs(tmp_path, capsys):
     assert "Fix: give this row its own id" in line
 
 
+def test_score_with_a_missing_predictions_file_is_one_line(tmp_path, capsys):
+    rows = rows_for([("a", "blue")])
+    write_jsonl(tmp_path / "refs" / "validation.jsonl", rows)
+    missing = tmp_path / "preds" / "qasper.json"
+    argv = ["score", "--task", "qasper", "--predictions", str(missing), "--references", str(tmp_path / "refs")]
+    assert main(argv) == 2
+    line = one_error_line(capsys, "scrolls-ssm score")
+    assert f"predictions file {missing} does not exist. Fix: pass the JSON object {{id: prediction}}" in line
+
+
+def test_score_num_proc_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["score", "--task", "gov_report", "--predictions", "p", "--references", "r", "--num-proc", "0"])
+    assert raised.value.code == 2
+    assert (
+        "scrolls-ssm score: error: argument --num-proc: 0 is out of range: it must be >= 1" in capsys.readouterr().err
+    )
+
+
+def test_unknown_task_in_a_run_is_one_line(tmp_path, capsys):
+    assert main(["train", "data.tasks=[qasperr]", f"train.output_dir={tmp_path / 'out'}"]) == 2
+    line = one_error_line(capsys, "scrolls-ssm train")
+    assert "data.tasks=['qasperr'] names an unknown SCROLLS task 'qasperr'. Did you mean 'qasper'?" in line
+
+
 def test_run_config_error_is_a_value_error():
     """What `main` relies on: the toolkit's own errors are ValueErrors."""
     assert issubclass(RunConfigError, ValueError) and issubclass(CommandLineError, ValueError)

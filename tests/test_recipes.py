@@ -79,6 +79,9 @@ def test_layout_override_and_precedence():
         ("model=3", "'model' .* is a section"),
         ("no_equals_sign", "is not of the form key=value"),
         ("data.tasks=[]", "data.tasks is empty"),
+        ("data.tasks=[qasperr]", r"unknown SCROLLS task 'qasperr'. Did you mean 'qasper'\? Valid tasks: gov_report, "),
+        ("data.predict_splits=[dev]", r"unknown split 'dev'; valid splits: train, validation, test"),
+        ("train.learning_rate=[1e-4", r"override 'train.learning_rate=\[1e-4': the value '\[1e-4' is not valid YAML"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_fix(override, message):
