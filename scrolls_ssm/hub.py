@@ -451,11 +451,13 @@ def _card_body(info: _ModelDir, repo_id: str) -> Iterator[str]:
 def _usage(info: _ModelDir, repo_id: str, facts: _RunFacts) -> Iterator[str]:
     tasks, max_length, base = facts.tasks, facts.max_length, facts.base_hub_id
     has_tokenizer = any(file.name in _TOKENIZER_NAMES or file.suffix == ".model" for file in info.files)
-    tokenizer_source = "repo_id" if has_tokenizer or not base else repr(base)
+    # The repository's config names remote code, and AutoTokenizer reads the config, so it is told to trust it too.
+    tokenizer_source = "repo_id, trust_remote_code=True" if has_tokenizer or not base else repr(base)
     max_new_tokens = max((TASKS[task].max_new_tokens for task in tasks), default=1024)
     yield "## How to use\n"
     yield (
-        "No install is needed beyond `torch` and `transformers`: the model code lives in this repository, and "
+        "No install is needed beyond `torch` and `transformers` (5.24 or newer): the model code lives in this "
+        "repository, and "
         "`trust_remote_code=True` runs it (read `modeling_scrolls_ssm.py` and the mixer files first, or pin "
         "`revision=` to a commit you have read).\n\n"
         "```python\nfrom transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n\n"

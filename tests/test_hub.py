@@ -241,6 +241,7 @@ def test_card_body_explains_layout_training_results_and_loading(model):
     assert "| gov_report | validation | 27.4567 (ROUGE geometric mean) |" in text
     assert "| quality | test | 25.5 (Exact match) |" in text
     assert "AutoModelForSeq2SeqLM.from_pretrained(repo_id, trust_remote_code=True)" in text
+    assert "AutoTokenizer.from_pretrained(repo_id, trust_remote_code=True)" in text  # it reads the config too
     assert f'repo_id = "{REPO_ID}"' in text and "pip install scrolls-ssm" in text and "import scrolls_ssm" in text
     assert "max_length=128" in text  # data.max_source_length, below the encoder's 256 positions
     assert 'question + "\\n\\n" + paper' in text
