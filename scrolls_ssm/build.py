@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, BartC
 
 from .config import ModelConfig, RunConfig, RunConfigError
 from .convert import load_tokenizer, swap_encoder
-from .errors import hub_unreachable, offline_note
+from .errors import hub_unreachable, offline_note, reach_hub_hint
 from .modeling.configuration_scrolls_ssm import ScrollsSSMConfig
 from .modeling.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
 from .optim import ssm_param_groups
@@ -49,7 +49,7 @@ def _load_pretrained(key: str, name: str, load: Callable[[str], _Loaded]) -> _Lo
             f"{key}={name!r}: could not reach the Hugging Face Hub{offline_note()} to download it, and it is neither "
             f"in the local Hub cache nor a local folder. Fix: set {key} to a local folder holding the checkpoint "
             f"(fetch it where the Hub is reachable with `hf download {name} --local-dir DIR`, or save_pretrained), "
-            "or unset HF_HUB_OFFLINE on a machine that can reach the Hub."
+            f"{reach_hub_hint()}."
         ) from error
 
 

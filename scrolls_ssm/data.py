@@ -30,7 +30,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import hub_unreachable, offline_note
+from .errors import hub_unreachable, offline_note, reach_hub_hint
 
 HUB_RESOLVE_URL = "https://huggingface.co/datasets/tau/scrolls/resolve/main"
 SPLITS = ("train", "validation", "test")
@@ -354,8 +354,7 @@ def _hub_unreachable_error(spec: TaskSpec, split: str, reason: str) -> ScrollsDa
         f"could not reach the Hugging Face Hub{reason} to download the {split} split of {spec.name!r} from the "
         f"tau/scrolls dataset ({spec.hub_url}), and no local data was given. Fix: download {spec.hub_zip} where the "
         "Hub is reachable and point at it (or at a folder holding it, or <task>/<split>.jsonl files): "
-        "data.data_dir=<folder or zip> in a run config, data_files= for load_scrolls; or unset HF_HUB_OFFLINE / "
-        "HF_DATASETS_OFFLINE on a machine that can reach the Hub."
+        f"data.data_dir=<folder or zip> in a run config, data_files= for load_scrolls; {reach_hub_hint()}."
     )
 
 

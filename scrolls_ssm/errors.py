@@ -62,6 +62,13 @@ def offline_note() -> str:
     return f" ({' and '.join(f'{name}={os.environ[name]}' for name in on)} set)" if on else ""
 
 
+def reach_hub_hint() -> str:
+    """The last part of the fix in a 'Hub could not be reached' message: how to let the Hub be reached."""
+    if offline_note():
+        return "or unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE on a machine that can reach the Hub"
+    return "or check that this machine can reach https://huggingface.co (network, proxy, HF_ENDPOINT)"
+
+
 def one_line(error: BaseException) -> str:
     """The message of `error` on one line (some library messages span several)."""
     text = " ".join(str(error).split())

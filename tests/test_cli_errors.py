@@ -6,6 +6,7 @@ subprocess. The Hub is unreachable here as for any offline user: HF_HUB_OFFLINE=
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from scrolls_fixtures import rows_for, write_jsonl
 
 from scrolls_ssm.cli import CommandLineError, main
 from scrolls_ssm.config import RunConfigError
+from scrolls_ssm.errors import hub_unreachable, reach_hub_hint
 from tests.training_fixtures import overrides, write_task_data, write_tiny_bart
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,6 +268,26 @@ def test_unknown_task_in_a_run_is_one_line(tmp_path, capsys):
     assert main(["train", "data.tasks=[qasperr]", f"train.output_dir={tmp_path / 'out'}"]) == 2
     line = one_error_line(capsys, "scrolls-ssm train")
     assert "data.tasks=['qasperr'] names an unknown SCROLLS task 'qasperr'. Did you mean 'qasper'?" in line
+
+
+def test_hub_unreachable_follows_the_exception_chain(monkeypatch):
+    def raise_chained():
+        try:
+            raise socket.gaierror(-2, "Name or service not known")
+        except OSError as dns:
+            raise RuntimeError("request failed") from dns
+
+    with pytest.raises(RuntimeError) as raised:
+        raise_chained()
+    assert hub_unreachable(raised.value)
+    assert not hub_unreachable(ValueError("ScrollsSSMConfig.s4d_d_state=3 is invalid"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert (
+        reach_hub_hint() == "or check that this machine can reach https://huggingface.co (network, proxy, HF_ENDPOINT)"
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert reach_hub_hint() == "or unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE on a machine that can reach the Hub"
 
 
 def test_run_config_error_is_a_value_error():
