@@ -1,17 +1,23 @@
-"""Validation loss, generation and scoring, on one process or many.
+"""Validation loss, generation and scoring, on one process or many, with the model whole or sharded (FSDP).
 
 Each process takes every `world_size`-th row (no padding rows, unlike accelerate's even batches), and the
 predictions travel back with their row index, so every id is predicted exactly once whatever the number of processes.
+
+A sharded model all-gathers its parameters inside every forward, so every process must make the same forward calls:
+a process with fewer batches runs dummy batches (results dropped) until it has run as many as the busiest one, and
+`generate` gets `synced_gpus=True` (a process whose sequences have ended keeps stepping until every process's have).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -39,6 +45,35 @@ def _shard_loader(rows: datasets.Dataset, accelerator: Accelerator, collator, ma
     return DataLoader(shard, batch_sampler=sampler, collate_fn=collator, generator=torch.Generator())
 
 
+def _lockstep_batches(
+    rows: datasets.Dataset, accelerator: Accelerator, collator: Seq2SeqCollator, max_tokens: int
+) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+    """`(batch, is_real)`: this process's batches, then dummy ones (`is_real` False, to be dropped) until it has run
+    as many as the busiest process."""
+    loader = _shard_loader(rows, accelerator, collator, max_tokens)
+    count = len(loader)
+    busiest = count
+    if accelerator.num_processes > 1:
+        busiest = int(accelerator.gather(torch.tensor([count], device=accelerator.device)).max())
+    dummy = None
+    for batch in loader:
+        dummy = batch if dummy is None else dummy
+        yield batch, True
+    if busiest > count:
+        dummy = collator([rows[0]]) if dummy is None else dummy  # a process with no rows at all
+        for _ in range(busiest - count):
+            yield dummy, False
+
+
+def _ready_to_generate(model: torch.nn.Module) -> torch.nn.Module:
+    """Let FSDP2 gather the root's parameters around `generate` as it does around `forward`: `generate` calls the
+    encoder and decoder directly, and without this fails on a model that has not run one full forward yet."""
+    if isinstance(model, FSDPModule) and not getattr(model, "_scrolls_ssm_generate_registered", False):
+        register_fsdp_forward_method(model, "generate")
+        model._scrolls_ssm_generate_registered = True
+    return model
+
+
 @torch.no_grad()
 def validation_loss(
     model: torch.nn.Module,
@@ -50,10 +85,12 @@ def validation_loss(
     """Mean token-level cross-entropy over all target tokens of `rows`, summed across processes."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # (sum of losses, number of tokens)
-    for batch in _shard_loader(rows, accelerator, collator, max_tokens):
+    for batch, is_real in _lockstep_batches(rows, accelerator, collator, max_tokens):
         batch = {key: value.to(accelerator.device) for key, value in batch.items() if key != "row_idx"}
         with accelerator.autocast():
             logits = model(**batch).logits
+        if not is_real:
+            continue
         labels = batch["labels"]
         loss = torch.nn.functional.cross_entropy(
             logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100, reduction="sum"
@@ -74,14 +111,15 @@ def generate_predictions(
     num_beams: int = 1,
 ) -> dict[str, str]:
     """`{id: prediction}` for every id of the split, generated greedily (or with beams) on all processes."""
+    model = _ready_to_generate(model)
     model.eval()
     rows = eval_set.generation_rows
     local: list[tuple[int, str]] = []
-    loader = _shard_loader(rows, accelerator, collator, max_tokens)
+    batches = _lockstep_batches(rows, accelerator, collator, max_tokens)
     progress = tqdm(
-        loader, desc=f"generate {eval_set.task}/{eval_set.split}", disable=not accelerator.is_local_main_process
+        batches, desc=f"generate {eval_set.task}/{eval_set.split}", disable=not accelerator.is_local_main_process
     )
-    for batch in progress:
+    for batch, is_real in progress:
         with accelerator.autocast():
             generated = model.generate(
                 input_ids=batch["input_ids"].to(accelerator.device),
@@ -89,7 +127,10 @@ def generate_predictions(
                 max_new_tokens=eval_set.max_new_tokens,
                 num_beams=num_beams,
                 do_sample=False,
+                synced_gpus=accelerator.num_processes > 1,
             )
+        if not is_real:
+            continue
         texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
         local.extend(zip(batch["row_idx"].tolist(), (text.strip() for text in texts), strict=True))
     by_row = dict(gather_object(local)) if accelerator.num_processes > 1 else dict(local)

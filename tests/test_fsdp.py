@@ -1,0 +1,63 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) over two gloo processes on CPU: the project's saving and evaluation
+code on a sharded model gives the weights and predictions of the unsharded model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from scrolls_ssm import ScrollsSSMForConditionalGeneration
+from tests.conftest import tiny_config
+from tests.fsdp_worker import evaluate_and_save
+from tests.training_fixtures import write_task_data, write_tiny_bart
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_fsdp2_sharded_model_saves_full_weights_and_predicts_like_one_process(tmp_path):
+    data, model_dir = write_task_data(tmp_path / "data"), tmp_path / "model"
+    tokenizer = AutoTokenizer.from_pretrained(write_tiny_bart(tmp_path / "bart"))
+    special = {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 2}
+    # init_std 0.2: some rows end at once and others run to max_new_tokens, so the processes' generations differ in
+    # length (with BART's 0.02 every row of a random model ends at its first token).
+    config = tiny_config(vocab_size=len(tokenizer), max_source_positions=96, init_std=0.2, **special)
+    torch.manual_seed(0)
+    ScrollsSSMForConditionalGeneration(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    sharded = tmp_path / "sharded"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(REPO / "tests" / "fsdp_worker.py"), str(model_dir), str(data), str(sharded)]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
+        output, _ = process.communicate()
+        pytest.fail(f"the two FSDP processes hung (mismatched collectives): {output[-3000:]}")
+    assert process.returncode == 0, output[-4000:]
+    got = json.loads((sharded / "result.json").read_text())
+
+    single = evaluate_and_save(
+        AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval(), model_dir, data, tmp_path / "single", Accelerator()
+    )
+    assert got["predictions"] == single["predictions"] and len(got["predictions"]) == 9
+    assert len({len(text) for text in got["predictions"].values()}) > 1, "generation lengths never differ"
+    assert got["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    want, saved = load_file(model_dir / "model.safetensors"), load_file(sharded / "model" / "model.safetensors")
+    assert saved.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(saved[name], want[name], rtol=0, atol=0, msg=name)
