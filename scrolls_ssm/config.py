@@ -344,6 +344,17 @@ def _check(config: RunConfig) -> None:
                 f"data.tasks={config.data.tasks!r} names an unknown SCROLLS task {task!r}. {hint}"
                 f"Valid tasks: {', '.join(TASKS)}."
             )
+    if config.data.synthetic is not None:
+        import inspect
+
+        from .synthetic import write_synthetic_scrolls
+
+        valid = [name for name in inspect.signature(write_synthetic_scrolls).parameters if name != "out_dir"]
+        for key in config.data.synthetic:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f"Did you mean {close[0]!r}?" if close else f"Valid keys: {', '.join(valid)}."
+                raise RunConfigError(f"unknown data.synthetic key {key!r} (see scrolls_ssm.synthetic). {hint}")
     for split in config.data.predict_splits:
         if split not in SPLITS:
             raise RunConfigError(

@@ -80,6 +80,7 @@ def test_layout_override_and_precedence():
         ("no_equals_sign", "is not of the form key=value"),
         ("data.tasks=[]", "data.tasks is empty"),
         ("data.tasks=[qasperr]", r"unknown SCROLLS task 'qasperr'. Did you mean 'qasper'\? Valid tasks: gov_report, "),
+        ("data.synthetic.doc_wrods=300", r"unknown data.synthetic key 'doc_wrods' .* Did you mean 'doc_words'\?"),
         ("data.predict_splits=[dev]", r"unknown split 'dev'; valid splits: train, validation, test"),
         ("train.learning_rate=[1e-4", r"override 'train.learning_rate=\[1e-4': the value '\[1e-4' is not valid YAML"),
     ],
