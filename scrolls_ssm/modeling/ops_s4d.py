@@ -18,6 +18,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+# The block length T of the Vandermonde split when the length is symbolic: sqrt(16K), the longest SCROLLS inputs.
+SYMBOLIC_LENGTH_BLOCK = 128
+
 
 def s4d_kernel(log_dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
     """The ZOH kernel K (channels, H, length), real, float32 (float64 for float64/complex128 inputs).
@@ -30,21 +33,38 @@ def s4d_kernel(log_dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor, length: i
     if A.dtype == torch.complex128 or C.dtype == torch.complex128:
         real = torch.float64
     complex_dtype = torch.complex128 if real == torch.float64 else torch.complex64
-    block = math.isqrt(length - 1) + 1  # T = ceil(sqrt(L)): both Vandermonde factors have about sqrt(L) columns
-    blocks = -(-length // block)
+    # T = ceil(sqrt(L)): both Vandermonde factors have about sqrt(L) columns. A symbolic length (torch.export,
+    # torch.compile with dynamic shapes) has no integer square root to branch on: a fixed T gives the same kernel
+    # (the split l = i T + j is exact for any T) at the same matmul cost.
+    if isinstance(length, int):
+        block = math.isqrt(length - 1) + 1
+        blocks = -(-length // block)
+    else:
+        # At least 2 blocks (a few unused positions), so that the symbolic block count never is a size-1 broadcast.
+        block = SYMBOLIC_LENGTH_BLOCK
+        blocks = length // block + 2
     with torch.autocast(device_type=log_dt.device.type, enabled=False):
         A = A.to(complex_dtype)
         dtA = torch.exp(log_dt.to(real))[:, None] * A  # (H, N/2)
         C = C.to(complex_dtype) * (torch.exp(dtA) - 1.0) / A  # (channels, H, N/2)
         offsets = torch.arange(block, device=A.device, dtype=real)
         inner = torch.exp(dtA[:, :, None] * offsets)  # exp(dt A j): (H, N/2, T)
-        block_starts = torch.arange(blocks, device=A.device, dtype=real) * block
+        block_starts = torch.arange(0, blocks * block, block, device=A.device, dtype=real)  # (L/T,): i T
         outer = torch.exp(dtA[:, None, :] * block_starts[:, None])  # exp(dt A T i): (H, L/T, N/2)
         # Weighting the outer factor by C keeps the sum over n a plain batched matrix product.
         weighted = C[:, :, None, :] * outer  # (channels, H, L/T, N/2)
         K = torch.matmul(weighted, inner)  # (channels, H, L/T, T)
-        K = 2.0 * K.real.reshape(channels, heads, blocks * block)[..., :length]  # (channels, H, L/T, T) -> (..., L)
-    return K
+        K = 2.0 * K.real.reshape(channels, heads, blocks * block)  # (channels, H, L/T, T) -> (channels, H, >= L)
+    return leading_positions(K, length)
+
+
+def leading_positions(x: torch.Tensor, length: int, dim: int = -1) -> torch.Tensor:
+    """The first `length` entries of x along `dim` (a slice). For a symbolic length (torch.export, torch.compile
+    with dynamic shapes), slicing a padded axis needs a proof that the padded size (a floor division of the length)
+    is at least the length, which the shape solver cannot find; `index_select` takes the positions without one."""
+    if isinstance(length, int):
+        return x.narrow(dim, 0, length)
+    return x.index_select(dim, torch.arange(length, device=x.device))
 
 
 def fft_conv(u: torch.Tensor, K: torch.Tensor, bidirectional: bool) -> torch.Tensor:
@@ -71,8 +91,14 @@ def fft_conv(u: torch.Tensor, K: torch.Tensor, bidirectional: bool) -> torch.Ten
 
 
 def _check_kernel_arguments(log_dt, A, C, length) -> None:
-    """Raises ValueError, naming the argument and the expected shape, for inputs the kernel cannot take."""
-    if not (isinstance(length, int) and length >= 1):
+    """Raises ValueError, naming the argument and the expected shape, for inputs the kernel cannot take.
+
+    A symbolic length (torch.SymInt, under torch.export / torch.compile) is checked with `torch._check`, which records
+    the condition for the compiled program instead of branching on a size that is not known yet.
+    """
+    if isinstance(length, torch.SymInt):
+        torch._check(length >= 1, lambda: f"s4d_kernel: length must be >= 1, got {length}.")
+    elif not (isinstance(length, int) and length >= 1):
         raise ValueError(f"s4d_kernel: length must be an int >= 1, got {length!r}.")
     if log_dt.dim() != 1 or not log_dt.is_floating_point():
         raise ValueError(

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .ops_s4d import leading_positions
+
 MAX_CHUNK_SIZE = 256
 
 
@@ -42,19 +44,23 @@ def ssd_scan(
     per_group = heads // groups
     out_dtype = X.dtype
     compute = torch.promote_types(X.dtype, torch.float32)
-    pad = -length % chunk_size
-    chunks = (length + pad) // chunk_size
+    # A symbolic length (torch.export, torch.compile with dynamic shapes) gets one or two more chunks of padding, so
+    # that the chunk count is known to be >= 2 and never takes the size-1 branches of broadcasting and matmul.
+    chunks = -(-length // chunk_size) if isinstance(length, int) else length // chunk_size + 2
+    pad = chunks * chunk_size - length  # written so that a symbolic L + pad simplifies to chunks * chunk_size
     with torch.autocast(device_type=X.device.type, enabled=False):
         # Padding steps: A = 0 (decay 1) and X = 0 (no input), so the final state is the state after step L.
+        # Chunks are cut with `unfold` (windows of Q, step Q) rather than a reshape, whose divisibility check a
+        # symbolic length defeats.
         def to_chunks(x: torch.Tensor) -> torch.Tensor:
-            # (batch, L, heads or groups, k) -> (batch, chunks, Q, heads or groups, k) -> (batch, ., chunks, Q, k)
-            x = F.pad(x.to(compute), (0, 0, 0, 0, 0, pad)).unflatten(1, (chunks, chunk_size))
-            return x.permute(0, 3, 1, 2, 4)
+            # (batch, L, heads or groups, k) -> (batch, chunks, heads or groups, k, Q) -> (batch, ., chunks, Q, k)
+            x = F.pad(x.to(compute), (0, 0, 0, 0, 0, pad)).unfold(1, chunk_size, chunk_size)
+            return x.permute(0, 2, 1, 4, 3)
 
         X_c = to_chunks(X)  # (batch, heads, chunks, Q, head_dim)
         B_c, C_c = to_chunks(B), to_chunks(C)  # (batch, groups, chunks, Q, d_state)
-        # (batch, L, heads) -> (batch, chunks, Q, heads) -> (batch, heads, chunks, Q)
-        A_c = F.pad(A.to(compute), (0, 0, 0, pad)).unflatten(1, (chunks, chunk_size)).permute(0, 3, 1, 2)
+        # (batch, L, heads) -> (batch, chunks, heads, Q) -> (batch, heads, chunks, Q)
+        A_c = F.pad(A.to(compute), (0, 0, 0, pad)).unfold(1, chunk_size, chunk_size).permute(0, 2, 1, 3)
 
         def by_group(x: torch.Tensor) -> torch.Tensor:
             # (batch, heads, ...) -> (batch, groups, heads per group, ...), to meet B and C's groups
@@ -88,7 +94,7 @@ def ssd_scan(
         Y = Y + read.flatten(1, 2) * decay_from_start
 
     # (batch, heads, chunks, Q, head_dim) -> (batch, chunks, Q, heads, head_dim) -> (batch, L, heads, head_dim)
-    Y = Y.permute(0, 2, 3, 1, 4).reshape(batch, chunks * chunk_size, heads, head_dim)[:, :length]
+    Y = leading_positions(Y.permute(0, 2, 3, 1, 4).reshape(batch, chunks * chunk_size, heads, head_dim), length, dim=1)
     return Y.to(out_dtype), final_state
 
 
