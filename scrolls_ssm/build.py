@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, BartC
 
 from .config import ModelConfig, RunConfig, RunConfigError
 from .convert import load_tokenizer, swap_encoder
-from .errors import hub_unreachable, offline_note, reach_hub_hint
+from .errors import hub_unreachable, offline_note, one_line, reach_hub_hint
 from .modeling.configuration_scrolls_ssm import ScrollsSSMConfig
 from .modeling.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
 from .optim import ssm_param_groups
@@ -102,9 +102,17 @@ def build_tokenizer(
     else:
         from .synthetic import train_sentencepiece_tokenizer
 
-        tokenizer = train_sentencepiece_tokenizer(
-            training_texts(), tokenizer_dir / "_sentencepiece", vocab_size=model_cfg.tokenizer_vocab_size
-        )
+        try:
+            tokenizer = train_sentencepiece_tokenizer(
+                training_texts(), tokenizer_dir / "_sentencepiece", vocab_size=model_cfg.tokenizer_vocab_size
+            )
+        except RuntimeError as error:
+            if "vocab_size" not in str(error):  # SentencePiece's own check; anything else is not the config's fault
+                raise
+            raise RunConfigError(
+                f"model.tokenizer_vocab_size={model_cfg.tokenizer_vocab_size} does not fit the training texts "
+                f"(SentencePiece: {one_line(error)}). Fix: raise model.tokenizer_vocab_size (the demo uses 2000)."
+            ) from error
     tokenizer.model_max_length = model_cfg.max_source_positions
     tokenizer.truncation_side = "right"  # SCROLLS inputs start with the query
     if not (tokenizer_dir / "tokenizer_config.json").is_file():

@@ -101,6 +101,15 @@ def _check_model_folder(option: str, value: str) -> None:
         raise CommandLineError(f"{option} {value}: is a file, not a folder. Pass {expected}.")
     if not (path / "config.json").is_file():
         raise CommandLineError(f"{option} {value}: has no config.json, so it is not a saved model. Pass {expected}.")
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        raise CommandLineError(f"{option} {value}: its config.json is not a JSON object. Pass {expected}.") from None
+    if model_type != "scrolls_ssm":
+        raise CommandLineError(
+            f"{option} {value}: holds a model of type {model_type!r}, not a scrolls_ssm model. Pass {expected}; "
+            "to fine-tune a BART / LED checkpoint, train with model.base=<it> instead."
+        )
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -127,8 +136,18 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_push(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     from scrolls_ssm.hub import run_push
 
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as error:
+        raise CommandLineError(
+            f"--repo-id {args.repo_id!r} is not a Hub repo id ({one_line(error)}). Fix: write it as owner/name, "
+            "e.g. your-name/bart-base-s4d-gov-report."
+        ) from None
     return run_push(args)
 
 

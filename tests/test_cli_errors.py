@@ -80,6 +80,20 @@ def test_model_folder_without_config_is_one_line(tmp_path, capsys):
     assert "(it holds config.json and model.safetensors)" in line
 
 
+def test_model_folder_of_another_kind_is_one_line(tmp_path, capsys, tiny_run):
+    base, _ = tiny_run  # a BART checkpoint: loadable, but not a scrolls_ssm model
+    assert main(["evaluate", "--model", str(base)]) == 2
+    line = one_error_line(capsys, "scrolls-ssm evaluate")
+    assert f"--model {base}: holds a model of type 'bart', not a scrolls_ssm model" in line
+    assert "train with model.base=<it> instead" in line
+
+
+def test_push_with_a_bad_repo_id_is_one_line(tmp_path, capsys):
+    assert main(["push", "--model-dir", str(tmp_path), "--repo-id", "me/models/bart"]) == 2
+    line = one_error_line(capsys, "scrolls-ssm push")
+    assert "--repo-id 'me/models/bart' is not a Hub repo id" in line and "Fix: write it as owner/name" in line
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_shows_the_exception_instead(tmp_path, where):
     argv = ["evaluate", "--model", str(tmp_path / "missing_dir")]
@@ -227,6 +241,25 @@ def test_unknown_model_config_key_is_an_error(tiny_run, tmp_path, capsys):
     assert main(["train", *argv]) == 2
     line = one_error_line(capsys, "scrolls-ssm train")
     assert "unknown model.config key 's4d_dstate'" in line and "Did you mean 's4d_d_state'" in line
+
+
+def test_too_small_sentencepiece_vocabulary_names_the_key(tmp_path, capsys):
+    synthetic = [f"data.synthetic.{key}={value}" for key, value in (("num_train", 12), ("num_validation", 3))]
+    argv = [
+        "train",
+        "--recipe",
+        str(REPO / "recipes" / "demo.yaml"),
+        "model.tokenizer_vocab_size=5",
+        f"data.data_dir={tmp_path / 'synthetic'}",
+        *synthetic,
+        "data.synthetic.num_test=3",
+        "data.synthetic.doc_words=120",
+        f"train.output_dir={tmp_path / 'out'}",
+    ]
+    assert main(argv) == 2
+    line = one_error_line(capsys, "scrolls-ssm train")
+    assert line.startswith("scrolls-ssm train: error: model.tokenizer_vocab_size=5 does not fit the training texts")
+    assert "Vocabulary size is smaller than required_chars" in line and "Fix: raise model.tokenizer_vocab_size" in line
 
 
 # --- score: duplicate ids -----------------------------------------------------------------------------------------
