@@ -53,20 +53,19 @@ def _load_pretrained(key: str, name: str, load: Callable[[str], _Loaded]) -> _Lo
         ) from error
 
 
+def _dotted_key(field: str) -> str:
+    """The run-config key of a ScrollsSSMConfig field: `model.<field>` for those with their own key, else
+    `model.config.<field>`."""
+    return _OWN_KEYS.get(field, f"model.config.{field}")
+
+
 def _config_field_error(error: StrictDataclassError) -> RunConfigError:
-    """A ScrollsSSMConfig validation error, reworded to name the run-config key (`model.config.<field>` unless the
-    field has a model.* key of its own)."""
+    """A ScrollsSSMConfig validation error, reworded to name the run-config key."""
     text = " ".join(str(error.__cause__ or error).split())
-
-    def dotted(match: re.Match[str]) -> str:
-        return _OWN_KEYS.get(match.group(1), f"model.config.{match.group(1)}")
-
-    text, named = re.subn(r"ScrollsSSMConfig\.(\w+)", dotted, text)
+    text, named = re.subn(r"ScrollsSSMConfig\.(\w+)", lambda match: _dotted_key(match.group(1)), text)
     if not named:  # a type error of the strict dataclass: "Field 'd_model' with value 'x' doesn't match ..."
         field = re.search(r"[Ff]ield '(\w+)'", str(error))
-        text = (
-            f"{_OWN_KEYS.get(field.group(1), f'model.config.{field.group(1)}') if field else 'model.config'}: {text}"
-        )
+        text = f"{_dotted_key(field.group(1)) if field else 'model.config'}: {text}"
     return RunConfigError(text)
 
 

@@ -235,6 +235,14 @@ def test_bad_mixer_setting_names_its_model_config_key(tiny_run, tmp_path, capsys
     assert "model.config.s4d_d_state=3 is invalid: expected an even int >= 2" in line
 
 
+def test_wrong_type_in_a_from_scratch_architecture_names_its_key(tiny_run, tmp_path, capsys):
+    base, data = tiny_run
+    scratch = ["model.base=null", f"model.tokenizer={base}", "model.config.d_model=wide"]
+    assert main(["train", *overrides(base, data, tmp_path / "out", *scratch)]) == 2
+    line = one_error_line(capsys, "scrolls-ssm train")
+    assert line.startswith("scrolls-ssm train: error: model.config.d_model: Field 'd_model' with value 'wide'")
+
+
 def test_unknown_model_config_key_is_an_error(tiny_run, tmp_path, capsys):
     base, data = tiny_run
     argv = overrides(base, data, tmp_path / "out", "model.config.s4d_dstate=32")
