@@ -83,6 +83,21 @@ def test_output_shapes_and_return_dict_equivalence(layout):
         assert isinstance(model(**inputs), tuple)
 
 
+def test_loss_over_num_items_in_batch_and_non_contiguous_labels():
+    model = make_model(LAYOUTS["s4d"])
+    inputs = batch()
+    labels = inputs["labels"].clone()
+    labels[0, 4:] = -100  # 10 target tokens in all
+    wide = torch.stack([labels, labels], dim=2)[:, :, 0]  # the same values, not contiguous
+    assert not wide.is_contiguous()
+    with torch.no_grad():
+        mean = model(**{**inputs, "labels": labels}).loss
+        strided = model(**{**inputs, "labels": wide}).loss
+        summed = model(**{**inputs, "labels": labels}, num_items_in_batch=torch.tensor(40)).loss
+    torch.testing.assert_close(strided, mean, rtol=0, atol=0)
+    torch.testing.assert_close(summed, mean * 10 / 40)  # sum over 10 tokens, divided by the whole batch's 40
+
+
 def test_attentions_and_hidden_states(layout):
     model = make_model(layout)
     model.set_attn_implementation("eager")  # the decoder's probabilities need eager attention, as in BART

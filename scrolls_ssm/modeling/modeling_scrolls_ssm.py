@@ -420,7 +420,7 @@ def _token_cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy in float32 over the target tokens (label -100 is ignored): their mean, or their sum divided by
     `num_items_in_batch` when that is given."""
-    flat_logits, flat_labels = logits.view(-1, logits.shape[-1]).float(), labels.view(-1)
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
     if num_items_in_batch is None:
         return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
