@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python run_finetune.py --recipe recipes/demo.yaml
+	$(BIN)/python run_finetune.py --recipe recipes/demo.yaml --resume
 	@echo "Demo outputs in runs/demo/: report.md, metrics.json, submission.csv, training_curves.png, model/"
 
 test: $(STAMP)

@@ -22,12 +22,13 @@ from pathlib import Path
 
 from .checkpointing import list_checkpoints
 from .config import RunConfig, RunConfigError
+from .submission import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
-# Written by save_model / save_checkpoint before their rename; a kill leaves them behind.
-LEFTOVERS = (".tmp-model", ".old-model", "checkpoints/.tmp-*")
+# Written by save_model / save_checkpoint / write_text_atomic before their rename; a kill leaves them behind.
+LEFTOVERS = (".tmp-model", ".old-model", "checkpoints/.tmp-*", ".*.tmp", "model/.*.tmp", "predictions/*/.*.tmp")
 
 
 class RunFolderLock:
@@ -36,24 +37,26 @@ class RunFolderLock:
     def __init__(self, out: Path):
         self.path = out / LOCK_NAME
 
-    def acquire(self) -> None:
+    def acquire(self) -> bool:
+        """Take the lock; True if it was taken over from a dead run (whose folder may hold a half-started run)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        took_over = False
         for _ in range(2):  # the second try follows the removal of a stale lock
             try:
                 with self.path.open("x") as stream:
                     json.dump(owner, stream)
-                return
+                return took_over
             except FileExistsError:
-                self._check_stale()
+                took_over = self._remove_if_stale()
         raise RunConfigError(f"{self.path.parent} was locked by another run starting at the same moment; try again.")
 
-    def _check_stale(self) -> None:
-        """Remove the lock if its process is gone; raise if that process may still be running."""
+    def _remove_if_stale(self) -> bool:
+        """Remove the lock if its process is gone (True); raise if that process may still be running."""
         try:
             holder = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return  # released meanwhile
+            return False  # released meanwhile
         except ValueError:
             holder = {}  # cut short by a kill between creating and writing it
         pid, host = holder.get("pid"), holder.get("host")
@@ -69,6 +72,7 @@ class RunFolderLock:
             )
         logger.warning("Taking over %s, left by process %s, which is no longer running.", self.path, pid)
         self.path.unlink(missing_ok=True)
+        return True
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -84,9 +88,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def prepare_run_folder(cfg: RunConfig) -> list[Path]:
+def prepare_run_folder(cfg: RunConfig, took_over_lock: bool = False) -> list[Path]:
     """Apply the folder rules (module docstring) and return the checkpoints to resume from, newest first (empty: a
-    fresh start). Called by the main process only, holding the lock."""
+    fresh start, whose run_config.yaml is written at once). Called by the main process only, holding the lock.
+
+    A folder counts as a run (that `resume=auto` may clear when it has no checkpoint) if it holds run_config.yaml or
+    the lock of a dead run: a run killed before its first checkpoint leaves one of the two."""
     out = Path(cfg.train.output_dir)
     resume, overwrite = cfg.train.resume, cfg.train.overwrite_output_dir
     if resume and overwrite:
@@ -96,7 +103,7 @@ def prepare_run_folder(cfg: RunConfig) -> list[Path]:
         )
     for pattern in LEFTOVERS:
         for leftover in out.glob(pattern):
-            shutil.rmtree(leftover)
+            _remove(leftover)
     checkpoints = list_checkpoints(out)[::-1]
     if resume not in (None, "auto", "latest"):
         path = Path(resume)
@@ -115,15 +122,25 @@ def prepare_run_folder(cfg: RunConfig) -> list[Path]:
             "resume when there is one and start fresh otherwise."
         )
     used = _run_entries(cfg)
-    if used and not (overwrite or (resume == "auto" and (out / "run_config.yaml").is_file())):
+    ours = (out / "run_config.yaml").is_file() or took_over_lock
+    if used and not (overwrite or (resume == "auto" and ours)):
         raise RunConfigError(
             f"train.output_dir={str(out)!r} already holds a run ({', '.join(sorted(p.name for p in used)[:5])}). "
             "Resume it with train.resume=auto (or --resume), clear it with train.overwrite_output_dir=true, "
             "or choose another train.output_dir."
         )
-    for entry in used:
-        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    # run_config.yaml last: a kill while clearing leaves a folder that is still recognisably a run.
+    for entry in sorted(used, key=lambda path: path.name == "run_config.yaml"):
+        _remove(entry)
+    write_text_atomic(out / "run_config.yaml", cfg.to_yaml())
     return []
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _run_entries(cfg: RunConfig) -> list[Path]:

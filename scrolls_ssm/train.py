@@ -56,9 +56,8 @@ def train(cfg: RunConfig) -> dict:
     lock = RunFolderLock(out)
     resume_candidates = _claim_folder(accelerator, cfg, lock)
     try:
-        results = _run(cfg, accelerator, out, resume_candidates)
+        results = _run(cfg, accelerator, out, resume_candidates)  # ends once every process is done
     finally:
-        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             lock.release()
     for task, splits in results.items():
@@ -76,12 +75,12 @@ def _claim_folder(accelerator: Accelerator, cfg: RunConfig, lock: RunFolderLock)
     candidates: list[Path] = []
     if accelerator.is_main_process:
         try:
-            lock.acquire()
+            took_over = lock.acquire()
         except RunConfigError as refused:
             error = refused
         else:
             try:
-                candidates = prepare_run_folder(cfg)
+                candidates = prepare_run_folder(cfg, took_over)
             except RunConfigError as refused:
                 lock.release()
                 error = refused
@@ -115,8 +114,6 @@ def _run(cfg: RunConfig, accelerator: Accelerator, out: Path, resume_candidates:
         )
     else:  # evaluate / predict: the model as it came in
         model = accelerator.prepare(model)
-        if accelerator.is_main_process:
-            write_text_atomic(out / "run_config.yaml", cfg.to_yaml())
         save_model(accelerator, model, tokenizer, cfg, out, step=0)
     accelerator.wait_for_everyone()
 
@@ -154,11 +151,10 @@ def _train(cfg, accelerator, model, tokenizer, collator, train_set, eval_sets, o
     state = RunState()
     if resume_candidates:
         resumed_from, state = load_checkpoint(accelerator, resume_candidates, cfg)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # (a fresh start wrote run_config.yaml when it claimed the folder)
             truncate_log(out / "log.jsonl", state.log_bytes)
+            write_text_atomic(out / "run_config.yaml", cfg.to_yaml())
         accelerator.print(f"Resumed from {resumed_from} (epoch {state.epoch}, step {state.global_step}).")
-    if accelerator.is_main_process:
-        write_text_atomic(out / "run_config.yaml", cfg.to_yaml())
     accelerator.init_trackers("scrolls_ssm", config=_flat(cfg.to_dict()))
 
     progress = tqdm(

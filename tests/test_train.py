@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,10 +17,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
 
-from scrolls_ssm.checkpointing import TEST_KILL_ENV
 from scrolls_ssm.config import RunConfigError, load_run_config
 from scrolls_ssm.train import train
-from tests.training_fixtures import overrides, write_task_data, write_tiny_bart
+from tests.training_fixtures import overrides, run_train_command, write_task_data, write_tiny_bart
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,19 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     return write_tiny_bart(root / "bart"), write_task_data(root / "data"), root
-
-
-def _run_cli(args: list[str], env_extra: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.update(env_extra or {})
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "run_finetune.py"), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kwargs,
-    )
 
 
 def test_a_run_writes_every_output_and_prints_its_final_metrics(setup, capsys):
@@ -75,7 +63,11 @@ def test_a_run_writes_every_output_and_prints_its_final_metrics(setup, capsys):
     assert (out / "run_config.yaml").read_text() == (out / "model" / "run_config.yaml").read_text()
 
 
-RESUMABLE = ["train.checkpoint_every_steps=2"]  # a checkpoint every 2 steps; the last one after the final evaluation
+# A checkpoint every 2 steps (an epoch's last step is checkpointed after its evaluation); 12 rows: 3 steps an epoch.
+RESUMABLE = ["train.checkpoint_every_steps=2", "data.max_train_samples=12"]
+# Children forked from a server that has the toolkit imported already: a fresh interpreter spends 10-20 s on imports.
+FORKS = multiprocessing.get_context("forkserver")
+FORKS.set_forkserver_preload(["scrolls_ssm.train", "scrolls_ssm.cli", "tests.training_fixtures"])
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +80,8 @@ def reference(setup):
 
 
 def assert_same_outputs(expected: Path, actual: Path) -> None:
-    """The final model's weights bit for bit, and the metrics, predictions, submission and report byte for byte."""
+    """The final model's weights bit for bit; the metrics, predictions, submission and report byte for byte; the
+    logged values record for record (a resumed run logs its config again, and nothing else twice)."""
     want, got = (load_file(d / "model" / "model.safetensors") for d in (expected, actual))
     assert want.keys() == got.keys()
     for name in want:
@@ -98,12 +91,36 @@ def assert_same_outputs(expected: Path, actual: Path) -> None:
     assert len(files) == 6
     for name in files:
         assert (actual / name).read_text() == (expected / name).read_text(), name
+    want_log, got_log = (
+        [r for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "config" not in r]
+        for d in (expected, actual)
+    )
+    assert got_log == want_log
 
 
-def _run_until_killed(args: list[str], kill_at: str) -> None:
-    process = _run_cli(args, env_extra={TEST_KILL_ENV: kill_at})
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == -signal.SIGKILL, f"not killed at {kill_at}: " + output[-3000:]
+def _launch(argv: list[str], kill_at: str | None = None, kill_after: float | None = None) -> str:
+    """Run `scrolls-ssm train ARGV` in a child process, with the SIGKILL hook at `kill_at`, and SIGKILL it ourselves
+    after `kill_after` seconds if it is still running. Returns how it ended: finished, killed-by-hook or
+    killed-at-random."""
+    process = FORKS.Process(target=run_train_command, args=(argv, kill_at))
+    process.start()
+    process.join(kill_after)
+    ended = "killed-by-hook"
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+        ended = "killed-at-random"
+    if process.exitcode == 0:
+        return "finished"
+    assert process.exitcode == -signal.SIGKILL, f"exit code {process.exitcode} (kill_at={kill_at})"
+    return ended
+
+
+def _steps(reference: Path) -> tuple[int, int]:
+    """(steps per epoch, final step) of the reference run."""
+    (final,) = [p for p in (reference / "checkpoints").iterdir() if p.name.startswith("step_")][-1:]
+    evaluations = json.loads((final / "run_state.json").read_text())["evaluations"]
+    return evaluations[0]["step"], evaluations[-1]["step"]
 
 
 def test_resume_after_the_final_checkpoint_redoes_nothing_and_loses_nothing(setup, reference):
@@ -111,12 +128,41 @@ def test_resume_after_the_final_checkpoint_redoes_nothing_and_loses_nothing(setu
     final model, predictions, metrics and report, identical to an uninterrupted run's."""
     base, data, root = setup
     out = root / "killed-after-final-checkpoint"
-    final_step = int(max(p.name for p in (reference / "checkpoints").iterdir()).removeprefix("step_"))
-    _run_until_killed(overrides(base, data, out, *RESUMABLE), f"checkpoint-saved@{final_step}")
-    resumed = _run_cli(overrides(base, data, out, *RESUMABLE, "train.resume=latest"))
-    output, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, output[-3000:]
-    assert f"step {final_step})" in output
+    _, final_step = _steps(reference)
+    assert _launch(overrides(base, data, out, *RESUMABLE), f"checkpoint-saved@{final_step}") == "killed-by-hook"
+    assert _launch(overrides(base, data, out, *RESUMABLE, "train.resume=latest")) == "finished"
+    assert_same_outputs(reference, out)
+
+
+def test_kill_9_at_random_moments_and_inside_saves_then_resume_reproduces_the_uninterrupted_run(setup, reference):
+    """The same command (`--resume`, i.e. train.resume=auto), killed with SIGKILL at 10 seeded random moments and at
+    five named points (three inside a save, one right after the final checkpoint), then run to the end, leaves the
+    files of an uninterrupted run."""
+    base, data, root = setup
+    out = root / "killed-again-and-again"
+    command = ["--resume", *overrides(base, data, out, *RESUMABLE)]
+    per_epoch, final = _steps(reference)
+    hooks = [
+        "checkpoint-writing@2",  # inside a mid-epoch save
+        f"model-writing@{per_epoch}",  # inside the model save: no model/ folder at all
+        f"checkpoint-writing@{per_epoch}",  # inside the epoch-end save
+        f"checkpoint-saved@{final}",  # right after the final checkpoint
+        f"outputs-writing@{final}",  # predictions written, report not yet
+    ]
+    rng = random.Random(9)
+    ends = []
+    for hook in hooks:
+        for _ in range(2):
+            ends.append(_launch(command, hook, kill_after=rng.uniform(0.5, 12)))
+            if ends[-1] == "killed-by-hook":
+                break
+        else:
+            ends.append(_launch(command, hook))
+            assert ends[-1] == "killed-by-hook", f"{hook} never came"
+    while ends.count("killed-at-random") < 10:  # the finished run, resumed: killed while it redoes its outputs
+        ends.append(_launch(command, kill_after=rng.uniform(0.5, 8)))
+    assert _launch(command) == "finished"
+    assert ends.count("killed-by-hook") == len(hooks), ends
     assert_same_outputs(reference, out)
 
 

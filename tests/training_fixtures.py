@@ -67,3 +67,16 @@ def overrides(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "train.mixed_precision=no",
         *extra,
     ]
+
+
+def run_train_command(argv: list[str], kill_at: str | None = None) -> None:
+    """A child process of the kill -9 tests: `scrolls-ssm train ARGV`, with the SIGKILL test hook set to `kill_at`."""
+    import os
+    import sys
+
+    from scrolls_ssm.checkpointing import TEST_KILL_ENV
+    from scrolls_ssm.cli import main
+
+    if kill_at is not None:
+        os.environ[TEST_KILL_ENV] = kill_at
+    sys.exit(main(["train", *argv]))
