@@ -38,17 +38,23 @@ class RunFolderLock:
         self.path = out / LOCK_NAME
 
     def acquire(self) -> bool:
-        """Take the lock; True if it was taken over from a dead run (whose folder may hold a half-started run)."""
+        """Take the lock; True if it was taken over from a dead run (whose folder may hold a half-started run).
+
+        The lock appears with its content or not at all (a hard link of a finished file, which fails if the lock
+        exists), so another process never reads a lock that is still being written."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        written = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")  # a kill leaves it to the .*.tmp cleanup
+        written.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         took_over = False
-        for _ in range(2):  # the second try follows the removal of a stale lock
-            try:
-                with self.path.open("x") as stream:
-                    json.dump(owner, stream)
-                return took_over
-            except FileExistsError:
-                took_over = self._remove_if_stale()
+        try:
+            for _ in range(2):  # the second try follows the removal of a stale lock
+                try:
+                    os.link(written, self.path)
+                    return took_over
+                except FileExistsError:
+                    took_over = self._remove_if_stale()
+        finally:
+            written.unlink()
         raise RunConfigError(f"{self.path.parent} was locked by another run starting at the same moment; try again.")
 
     def _remove_if_stale(self) -> bool:
@@ -58,7 +64,7 @@ class RunFolderLock:
         except FileNotFoundError:
             return False  # released meanwhile
         except ValueError:
-            holder = {}  # cut short by a kill between creating and writing it
+            holder = {}  # garbled: no owner to wait for
         pid, host = holder.get("pid"), holder.get("host")
         if host not in (None, socket.gethostname()):
             raise RunConfigError(
