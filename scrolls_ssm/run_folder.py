@@ -54,7 +54,7 @@ class RunFolderLock:
                 except FileExistsError:
                     took_over = self._remove_if_stale()
         finally:
-            written.unlink()
+            written.unlink(missing_ok=True)
         raise RunConfigError(f"{self.path.parent} was locked by another run starting at the same moment; try again.")
 
     def _remove_if_stale(self) -> bool:

@@ -1,6 +1,7 @@
 """Fine-tune and evaluate with Accelerate: one loop, from one CPU to many GPUs.
 
     output_dir/
+      .lock                    the pid of the process running there (removed at the end)
       run_config.yaml          the resolved config
       tokenizer/               the run's tokenizer (reused on resume)
       checkpoints/step_N/      resumable state (accelerate save_state + run_state.json), newest `keep` kept
@@ -128,7 +129,17 @@ def _run(cfg: RunConfig, accelerator: Accelerator, out: Path, resume_candidates:
     return results
 
 
-def _train(cfg, accelerator, model, tokenizer, collator, train_set, eval_sets, out: Path, resume_candidates):
+def _train(
+    cfg: RunConfig,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer,
+    collator: Seq2SeqCollator,
+    train_set: datasets.Dataset,
+    eval_sets: list[EvalSet],
+    out: Path,
+    resume_candidates: list[Path],
+) -> tuple[torch.nn.Module, RunState]:
     """The training loop with its evaluations and checkpoints; returns the prepared model and the final state."""
     sampler = TokenBudgetBatchSampler(
         sequence_lengths(train_set), max_tokens=cfg.data.max_tokens_per_batch, shuffle=True, seed=cfg.train.seed
