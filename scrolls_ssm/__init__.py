@@ -6,8 +6,8 @@ Importing the package registers the model with transformers' Auto classes, so `A
 
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
-from .modeling.configuration_scrolls_ssm import MIXER_KINDS, ScrollsSSMConfig
 from .convert import load_tokenizer, swap_encoder
+from .modeling.configuration_scrolls_ssm import MIXER_KINDS, ScrollsSSMConfig
 from .modeling.mixers import MIXERS
 from .modeling.modeling_scrolls_ssm import (
     ScrollsSSMEncoder,
