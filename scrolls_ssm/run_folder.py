@@ -3,6 +3,7 @@
 | the folder holds                     | no resume | resume=auto       | resume=latest / PATH | overwrite_output_dir |
 |--------------------------------------|-----------|-------------------|----------------------|----------------------|
 | nothing                              | start     | start             | error                | start                |
+| a run that stopped before training   | start     | start             | error                | start                |
 | a run without a complete checkpoint  | error     | clear, start      | error                | clear, start         |
 | a run with checkpoints               | error     | resume the newest | resume it            | clear, start         |
 | a live run (lock file with live pid) | error     | error             | error                | error                |
@@ -27,6 +28,8 @@ from .submission import write_text_atomic
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+# What a run writes before its first step; a folder holding nothing else has no results to protect.
+STARTUP_ENTRIES = frozenset({"run_config.yaml", "tokenizer", "log.jsonl"})
 # Written by save_model / save_checkpoint / write_text_atomic before their rename; a kill leaves them behind.
 LEFTOVERS = (".tmp-model", ".old-model", "checkpoints/.tmp-*", ".*.tmp", "model/.*.tmp", "predictions/*/.*.tmp")
 
@@ -129,7 +132,10 @@ def prepare_run_folder(cfg: RunConfig, took_over_lock: bool = False) -> list[Pat
         )
     used = _run_entries(cfg)
     ours = (out / "run_config.yaml").is_file() or took_over_lock
-    if used and not (overwrite or (resume == "auto" and ours)):
+    # A run that stopped before it produced anything (bad data, no network) left only what every start writes: the
+    # same command, run again, starts over instead of asking for a flag.
+    never_trained = ours and {path.name for path in used} <= STARTUP_ENTRIES
+    if used and not (overwrite or never_trained or (resume == "auto" and ours)):
         raise RunConfigError(
             f"train.output_dir={str(out)!r} already holds a run ({', '.join(sorted(p.name for p in used)[:5])}). "
             "Resume it with train.resume=auto (or --resume), clear it with train.overwrite_output_dir=true, "

@@ -290,6 +290,19 @@ def test_a_used_output_folder_is_refused_unless_resumed_or_overwritten(setup, tm
         )
 
 
+def test_a_run_that_failed_before_training_is_started_again_by_the_same_command(setup, tmp_path):
+    base, _, _ = setup
+    data = write_task_data(tmp_path / "data", sizes=(("train", 12), ("test", 3)))  # no validation split yet
+    out = tmp_path / "run"
+    command = overrides(base, data, out, "train.max_steps=1", *FAST)
+    with pytest.raises(ValueError, match="validation"):
+        train(load_run_config(None, command))
+    assert (out / "run_config.yaml").is_file() and not (out / "checkpoints").exists()
+    write_task_data(data, sizes=(("validation", 3),))
+    train(load_run_config(None, command))  # no resume or overwrite flag needed: the first try left no results
+    assert (out / "model" / "model.safetensors").is_file()
+
+
 def test_a_live_run_locks_its_folder_and_a_dead_runs_lock_is_taken_over(setup, tmp_path, caplog):
     base, data, _ = setup
     out = tmp_path / "run"
