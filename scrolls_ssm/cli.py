@@ -128,10 +128,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     ]
     if args.output_dir is None:  # the default folder only ever holds this command's earlier outputs: replace them
         fixed.append("train.overwrite_output_dir=true")
-    results = train(load_run_config(args.recipe, [*fixed, *args.overrides]))
-    for task, splits in results.items():
-        if split in splits:
-            print(format_metrics(task, split, splits[split]))
+    train(load_run_config(args.recipe, [*fixed, *args.overrides]))  # it prints the metrics and the output folder
     return 0
 
 

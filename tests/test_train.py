@@ -230,7 +230,7 @@ def test_two_processes_train_and_gather_every_id_once(setup, tmp_path):
     assert AutoModelForSeq2SeqLM.from_pretrained(out / "model") is not None
 
 
-def test_evaluate_command_reproduces_the_runs_metrics(setup, tmp_path):
+def test_evaluate_command_reproduces_the_runs_metrics(setup, tmp_path, capsys):
     """`scrolls-ssm evaluate` on a trained model gives the metrics its run reported; a second evaluation into the
     same folder scores the newly given model, not the one left there."""
     from scrolls_ssm.cli import main
@@ -240,8 +240,11 @@ def test_evaluate_command_reproduces_the_runs_metrics(setup, tmp_path):
     results = train(load_run_config(None, overrides(base, data, run, "train.max_steps=3")))
     evaluated = tmp_path / "evaluated"
     common = ["--output-dir", str(evaluated), f"data.data_dir={data}", "data.tasks=[contract_nli]"]
+    capsys.readouterr()
     assert main(["evaluate", "--model", str(run / "model"), *common]) == 0
     assert json.loads((evaluated / "metrics.json").read_text()) == {"contract_nli": results["contract_nli"]}
+    printed = capsys.readouterr().out
+    assert printed.count("exact_match") == 1 and printed.count(f"outputs in {evaluated}") == 1  # each said once
     # An untrained swap of the same base predicts differently: its metrics must replace the first ones.
     untrained = tmp_path / "untrained"
     train(load_run_config(None, overrides(base, data, untrained, "train.max_steps=0")))
