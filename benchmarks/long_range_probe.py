@@ -83,6 +83,7 @@ CONTENDERS = {
     "local-attention": "block-local attention in every layer",
     "attention": "full attention in every layer (BART's encoder)",
     "truncated": "full attention reading only the first `truncate` tokens (BART's 1,024)",
+    "led": "transformers' LED at the same size (window `window`, global attention on <s>)",
 }
 
 
@@ -114,13 +115,19 @@ def overrides(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: Path,
         "mamba2_headdim": min(32, 2 * setup.d_model),
         "mamba2_chunk_size": 64,
     }
+    if contender == "led":
+        model = [f"model.init_from={write_led(setup, config, limit, tokenizer_dir, out_dir.parent / 'led-init')}"]
+    else:
+        model = [
+            f"model.tokenizer={tokenizer_dir}",
+            f"model.encoder_layer_types={json.dumps(layout(contender, setup.encoder_layers))}",
+            f"model.attention_window={setup.window if windowed else 'null'}",
+            f"model.config={json.dumps(config)}",
+        ]
     return [
         "model.base=null",
-        f"model.tokenizer={tokenizer_dir}",
-        f"model.encoder_layer_types={json.dumps(layout(contender, setup.encoder_layers))}",
+        *model,
         f"model.max_source_positions={limit}",
-        f"model.attention_window={setup.window if windowed else 'null'}",
-        f"model.config={json.dumps(config)}",
         "data.tasks=[quality]",
         f"data.data_dir={data_dir}",
         f"data.max_source_length={limit}",
@@ -137,6 +144,29 @@ def overrides(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: Path,
         "eval.max_new_tokens=16",
         f"eval.max_tokens_per_batch={2 * max(setup.eval_lengths)}",
     ]
+
+
+def write_led(setup: Setup, config: dict, limit: int, tokenizer_dir: Path, folder: Path) -> Path:
+    """A random-init transformers LED of the contenders' size, with the shared tokenizer, as a checkpoint folder."""
+    from transformers import AutoTokenizer, LEDConfig, LEDForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    shared = {key: value for key, value in config.items() if key in LEDConfig.__dataclass_fields__}
+    led = LEDConfig(
+        **shared,
+        vocab_size=len(tokenizer),
+        encoder_layers=setup.encoder_layers,
+        attention_window=setup.window,
+        max_encoder_position_embeddings=-(-limit // setup.window) * setup.window,  # LED pads to whole windows
+        max_decoder_position_embeddings=config["max_position_embeddings"],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+    )
+    LEDForConditionalGeneration(led).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
@@ -197,7 +227,8 @@ def run_contender(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: P
         process = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     seconds = time.monotonic() - started
     if process.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+        lines = log.read_text().replace("\r", "\n").strip().splitlines()
+        tail = [line for line in lines if "it/s]" not in line][-1:] or ["no output"]  # not a progress bar
         return [{"contender": contender, "status": "error", "note": tail[0][:300], "seconds": round(seconds)}]
     predictions = json.loads((run_dir / "predictions" / "validation" / f"{PROBE_SCROLLS_TASK}.json").read_text())
     _, references = group_references(load_scrolls(PROBE_SCROLLS_TASK, "validation", data_files=str(data_dir)))

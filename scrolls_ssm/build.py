@@ -8,7 +8,9 @@ into `RunConfigError`s naming the key: an invalid `ScrollsSSMConfig` field (`mod
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -16,7 +18,15 @@ from typing import TypeVar
 import torch
 from huggingface_hub.errors import HFValidationError, StrictDataclassError
 from huggingface_hub.utils import validate_repo_id
-from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, BartConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    BartConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .config import ModelConfig, RunConfig, RunConfigError
 from .convert import load_tokenizer, swap_encoder
@@ -119,8 +129,9 @@ def build_tokenizer(
     return tokenizer
 
 
-def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> ScrollsSSMForConditionalGeneration:
-    """Swap the encoder of `base`, load `init_from`, or build from scratch from `model.config`."""
+def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Swap the encoder of `base`, load `init_from` (a scrolls_ssm model, or a peer such as LED or BART), or build
+    from scratch from `model.config`."""
     layout = {"max_source_positions": model_cfg.max_source_positions, "attention_window": model_cfg.attention_window}
     _check_config_keys(model_cfg)
     try:
@@ -140,14 +151,11 @@ def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> S
 
 def _build(
     model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, layout: dict[str, int | None]
-) -> ScrollsSSMForConditionalGeneration:
+) -> PreTrainedModel:
     if model_cfg.init_from:
+        # A scrolls_ssm model to fine-tune further, or a peer (BART, LED, ...) trained and scored as it is, e.g. as a
+        # baseline beside swapped models; model.base is what swaps a BART / LED encoder.
         model = _load_pretrained("model.init_from", model_cfg.init_from, AutoModelForSeq2SeqLM.from_pretrained)
-        if not isinstance(model, ScrollsSSMForConditionalGeneration):
-            raise ValueError(
-                f"model.init_from={model_cfg.init_from!r} holds a {type(model).__name__}, not a scrolls_ssm model. "
-                "Use model.base for BART / LED checkpoints."
-            )
     elif model_cfg.base:
         base_config = _load_pretrained("model.base", model_cfg.base, AutoConfig.from_pretrained)
         layers = model_cfg.encoder_layer_types or ["attention"] * base_config.encoder_layers
@@ -176,6 +184,20 @@ def _build(
             fields.setdefault("encoder_layers", len(model_cfg.encoder_layer_types))
         model = ScrollsSSMForConditionalGeneration(ScrollsSSMConfig(**fields))
     return model
+
+
+def encoder_length_limit(config: PretrainedConfig) -> int:
+    """The longest input the model's encoder takes: its learned positions (`max_source_positions` here,
+    `max_encoder_position_embeddings` in LED, `max_position_embeddings` in BART); unbounded without a table."""
+    for name in ("max_source_positions", "max_encoder_position_embeddings", "max_position_embeddings"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return sys.maxsize
+
+
+def uses_global_attention(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes LED's `global_attention_mask` (the collator then sets one)."""
+    return "global_attention_mask" in inspect.signature(model.forward).parameters
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:

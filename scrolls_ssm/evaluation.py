@@ -65,6 +65,9 @@ def _lockstep_batches(
             yield dummy, False
 
 
+_GENERATION_INPUTS = ("input_ids", "attention_mask", "global_attention_mask")  # the last: LED's, when collated
+
+
 def _ready_to_generate(model: torch.nn.Module) -> torch.nn.Module:
     """Let FSDP2 gather the root's parameters around `generate` as it does around `forward`: `generate` calls the
     encoder and decoder directly, and without this fails on a model that has not run one full forward yet."""
@@ -121,9 +124,9 @@ def generate_predictions(
     )
     for batch, is_real in progress:
         with accelerator.autocast():
+            inputs = {key: batch[key].to(accelerator.device) for key in _GENERATION_INPUTS if key in batch}
             generated = model.generate(
-                input_ids=batch["input_ids"].to(accelerator.device),
-                attention_mask=batch["attention_mask"].to(accelerator.device),
+                **inputs,
                 max_new_tokens=eval_set.max_new_tokens,
                 num_beams=num_beams,
                 do_sample=False,

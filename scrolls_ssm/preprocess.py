@@ -182,7 +182,9 @@ class Seq2SeqCollator:
 
     Returns input_ids, attention_mask, labels (padded with `label_pad_token_id`, ignored by the loss) when the
     rows have labels, and row_idx when they have it. Every other column (`id`, raw text) is dropped: strings
-    cannot be moved to a device or gathered, so ids are recovered afterwards from row_idx.
+    cannot be moved to a device or gathered, so ids are recovered afterwards from row_idx. With
+    `global_attention_first_token`, also LED's `global_attention_mask`, global on the first token (`<s>`), as the
+    SCROLLS LED baselines use it.
     """
 
     def __init__(
@@ -190,6 +192,7 @@ class Seq2SeqCollator:
         pad_token_id: int | PreTrainedTokenizerBase,
         pad_to_multiple_of: int | None = None,
         label_pad_token_id: int = -100,
+        global_attention_first_token: bool = False,
     ) -> None:
         if isinstance(pad_token_id, PreTrainedTokenizerBase):
             tokenizer = pad_token_id
@@ -201,6 +204,7 @@ class Seq2SeqCollator:
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.label_pad_token_id = label_pad_token_id
+        self.global_attention_first_token = global_attention_first_token
 
     def _pad(self, sequences: list[Sequence[int]], value: int) -> torch.Tensor:
         width = max(len(sequence) for sequence in sequences)
@@ -216,6 +220,9 @@ class Seq2SeqCollator:
             "input_ids": self._pad([row["input_ids"] for row in rows], self.pad_token_id),
             "attention_mask": self._pad([row["attention_mask"] for row in rows], 0),
         }
+        if self.global_attention_first_token:
+            batch["global_attention_mask"] = torch.zeros_like(batch["attention_mask"])
+            batch["global_attention_mask"][:, 0] = 1
         if "labels" in rows[0]:
             batch["labels"] = self._pad([row["labels"] for row in rows], self.label_pad_token_id)
         if "row_idx" in rows[0]:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, get_linear_schedule_with_warmup
 
-from .build import build_model, build_optimizer, build_tokenizer
+from .build import build_model, build_optimizer, build_tokenizer, encoder_length_limit, uses_global_attention
 from .checkpointing import RunState, kill_point, load_checkpoint, save_checkpoint, save_model
 from .config import RunConfig, RunConfigError
 from .data import get_task, group_references, load_scrolls
@@ -103,10 +103,11 @@ def _run(cfg: RunConfig, accelerator: Accelerator, out: Path, resume_candidates:
         raw_train = {task: _load(cfg, task, "train", data_dir) for task in cfg.data.tasks} if training else None
         tokenizer = build_tokenizer(cfg.model, out / "tokenizer", lambda: _training_texts(cfg, raw_train))
         model = build_model(cfg.model, tokenizer)
-        source_limit = model.config.max_source_positions
+        source_limit = encoder_length_limit(model.config)
         train_set = _tokenize_train(cfg, tokenizer, raw_train, source_limit) if training else None
         eval_sets, predict_sets = _tokenize_evaluation(cfg, tokenizer, data_dir, source_limit)
-    collator = Seq2SeqCollator(tokenizer, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+    global_attention = uses_global_attention(model)  # LED: global attention on <s>
+    collator = Seq2SeqCollator(tokenizer, cfg.data.pad_to_multiple_of, global_attention_first_token=global_attention)
 
     state = RunState()
     if training:
