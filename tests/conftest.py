@@ -75,3 +75,18 @@ def tiny_bart():
 
     torch.manual_seed(0)
     return BartForConditionalGeneration(BartConfig(**TINY)).eval()
+
+
+def import_benchmark(name: str):
+    """A script of benchmarks/ as a module (the benchmarks are scripts, not a package), for a module-scoped fixture:
+    `yield from import_benchmark("encoder_scaling")`."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)

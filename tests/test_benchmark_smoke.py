@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import csv
 import importlib
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import import_benchmark
+
 CONFIGS = ["s4d", "mamba2", "led"]  # two of our mixers and the SCROLLS LED baseline
 LENGTHS = [64, 128]
 NUMERIC = ["time_s", "tokens_per_s", "peak_mem_mb", "gflop", "achieved_gflops", "matmul_gflops", "matmul_util"]
@@ -23,11 +22,7 @@ NUMERIC = ["time_s", "tokens_per_s", "peak_mem_mb", "gflop", "achieved_gflops", 
 
 @pytest.fixture(scope="module")
 def encoder_scaling():
-    sys.path.insert(0, str(BENCHMARKS))  # the benchmarks are scripts, not a package
-    try:
-        yield importlib.import_module("encoder_scaling")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    yield from import_benchmark("encoder_scaling")
 
 
 def test_sweep_writes_expected_outputs(encoder_scaling, tmp_path, monkeypatch):

@@ -4,22 +4,15 @@
 from __future__ import annotations
 
 import csv
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def long_range_probe():
-    sys.path.insert(0, str(BENCHMARKS))  # the benchmarks are scripts, not a package
-    try:
-        yield importlib.import_module("long_range_probe")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    yield from import_benchmark("long_range_probe")
 
 
 def test_quick_sweep_scores_every_cell_and_resumes(long_range_probe, tmp_path, capsys):
