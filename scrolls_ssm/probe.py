@@ -3,13 +3,17 @@ of Your Long-Context Language Models?"): synthetic inputs of a controlled length
 
 Four tasks, each a question followed by "\\n\\n" and a document of filler sentences:
 
-* `single_needle`: one fact "The special magic number for the <key> is <value>." The question asks for the value.
+* `single_needle`: one fact "The special magic number for the <key> is <value> ." The question asks for the value.
 * `multi_key_needle`: four facts of that form with different keys; the question asks for one of them.
-* `variable_tracking`: a chain "VAR QZKTA = 48213." "VAR MWLRB = QZKTA." ... of 2 to 4 hops spread from the
+* `variable_tracking`: a chain "VAR QZKTA = 48213 ." "VAR MWLRB = QZKTA ." ... of 2 to 4 hops spread from the
   depth to the end of the document, beside a distractor chain holding another value; the answer is every variable of
   the asked value's chain, in order ("QZKTA MWLRB ...").
-* `aggregation`: five marked words ("The marked word is lantern.") planted 2 to 8 times each at random places; the
+* `aggregation`: five marked words ("The marked word is lantern .") planted 2 to 8 times each at random places; the
   answer is the most frequent one, which needs the whole input.
+
+Every planted value, name and word is followed by a space (`... is 48213 .`), so a subword tokenizer splits it as it
+splits the answer: a value glued to its full stop ("48213.") can come out as other pieces ("48", "2", "1", "3.") and
+copying it becomes harder than it need be.
 
 Rows are written in the SCROLLS format (`id`, `pid`, `input`, `output`, question first) under the exact-match SCROLLS
 task `quality` (`PROBE_SCROLLS_TASK`), so the loaders, the training loop and the official metric run them unchanged.
@@ -67,7 +71,7 @@ def _value(rng: random.Random) -> str:
 
 
 def _needle(key: str, value: str) -> str:
-    return f"The special magic number for the {key} is {value}."
+    return f"The special magic number for the {key} is {value} ."
 
 
 def _single_needle(rng: random.Random, depth: float) -> tuple[str, list[tuple[float, str]], str]:
@@ -100,8 +104,8 @@ def _chain(rng: random.Random, value: str, hops: int, start: float, taken: set[s
     `start` to the end of the document."""
     names = [_variable_name(rng, taken) for _ in range(hops + 1)]
     depths = [start] + sorted(rng.uniform(start, 1.0) for _ in range(hops))
-    sentences = [f"VAR {names[0]} = {value}."]
-    sentences += [f"VAR {name} = {previous}." for previous, name in zip(names, names[1:], strict=False)]
+    sentences = [f"VAR {names[0]} = {value} ."]
+    sentences += [f"VAR {name} = {previous} ." for previous, name in zip(names, names[1:], strict=False)]
     return names, list(zip(depths, sentences, strict=True))
 
 
@@ -120,7 +124,7 @@ def _aggregation(rng: random.Random, depth: float | None) -> tuple[str, list[tup
     words = rng.sample(_MARKED_WORDS, NUM_MARKED)
     counts = rng.sample(range(2, 9), NUM_MARKED)  # distinct, so the most frequent word is unique
     facts = [
-        (rng.random(), f"The marked word is {word}.")
+        (rng.random(), f"The marked word is {word} .")
         for word, count in zip(words, counts, strict=True)
         for _ in range(count)
     ]

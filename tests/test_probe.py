@@ -58,12 +58,12 @@ def test_only_the_planted_facts_give_the_answer():
         text, answer = probe_example("multi_key_needle", 800, 40, random.Random(seed))
         question, document = text.split("\n\n", 1)
         key = re.fullmatch(r"What is the special magic number for the (.+)\?", question).group(1)
-        needles = dict(re.findall(r"special magic number for the ([a-z ]+) is (\d+)\.", document))
+        needles = dict(re.findall(r"special magic number for the ([a-z ]+) is (\d+) \.", document))
         assert len(needles) == 4 and needles[key] == answer
 
         text, answer = probe_example("aggregation", 800, None, random.Random(seed))
         counts = {
-            word: text.count(f"marked word is {word}.") for word in set(re.findall(r"marked word is (\w+)\.", text))
+            word: text.count(f"marked word is {word} .") for word in set(re.findall(r"marked word is (\w+) \.", text))
         }
         assert len(counts) == 5 and max(counts, key=counts.get) == answer
         assert sorted(counts.values()).count(counts[answer]) == 1
@@ -74,7 +74,7 @@ def test_variable_tracking_answer_is_the_chain_of_the_asked_value():
         text, answer = probe_example("variable_tracking", 1000, 20, random.Random(seed))
         question, document = text.split("\n\n", 1)
         value = re.fullmatch(r"Which variables are assigned the value (\d+)\?", question).group(1)
-        assignments = re.findall(r"VAR ([A-Z]{5}) = (\w+)\.", document)
+        assignments = re.findall(r"VAR ([A-Z]{5}) = (\w+) \.", document)
         holds = {}
         for name, source in assignments:  # in document order: a copy always follows its source
             holds[name] = holds[source] if source in holds else source
