@@ -114,9 +114,7 @@ def _scrolls_config(source_config, encoder_layer_types, max_source_positions, ov
     fields = {
         name: getattr(source_config, name)
         for name in BartConfig.__dataclass_fields__
-        if hasattr(source_config, name)
-        and not name.startswith("_")  # private bookkeeping such as `_auto_class` is not architecture
-        and name not in ("max_position_embeddings", "attention_window")
+        if hasattr(source_config, name) and name not in ("max_position_embeddings", "attention_window")
     }
     if source_config.model_type == "led":
         fields["max_position_embeddings"] = source_config.max_decoder_position_embeddings

@@ -65,6 +65,16 @@ def test_config_rejects_bad_values_naming_field_and_value(fields, message):
 # --- Auto classes, save / load, remote code -------------------------------------------------------------------------
 
 
+def test_a_config_built_from_another_configs_dict_keeps_auto_config_in_auto_map(tmp_path):
+    from transformers import BartConfig
+
+    bart = BartConfig()
+    fields = {name: getattr(bart, name) for name in BartConfig.__dataclass_fields__ if hasattr(bart, name)}
+    assert fields["_auto_class"] is None  # BART's dataclass fields include it (as swap_encoder reads them)
+    ScrollsSSMConfig(**fields).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoConfig"].endswith("ScrollsSSMConfig")
+
+
 def test_auto_classes_resolve_without_remote_code():
     config = tiny_config()
     assert type(AutoModelForSeq2SeqLM.from_config(config)) is ScrollsSSMForConditionalGeneration

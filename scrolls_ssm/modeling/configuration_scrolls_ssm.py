@@ -65,15 +65,15 @@ class ScrollsSSMConfig(BartConfig):
     gss_ssm_dim: int | None = None  # width the GSS SSM runs at; None: d_model // 4 (the paper's reduction)
 
     def __post_init__(self, **kwargs):
-        # Built from another config's dict (`to_dict()` carries `_auto_class: None`), the instance attribute would hide
-        # the class attribute that `register_for_auto_class` set, and `save_pretrained` would write no `AutoConfig`
-        # into `auto_map`: trust_remote_code users could not load the folder.
-        if self.__dict__.get("_auto_class", ...) is None:
-            del self.__dict__["_auto_class"]
         if self.encoder_layer_types is None:
             self.encoder_layer_types = ["attention"] * self.encoder_layers
         self.encoder_layer_types = list(self.encoder_layer_types)
         super().__post_init__(**kwargs)
+        # Built from another config's dict (`to_dict()` carries `_auto_class: None`, which the base class sets as an
+        # attribute), the instance attribute would hide the class attribute that `register_for_auto_class` set, and
+        # `save_pretrained` would write no `AutoConfig` into `auto_map`: trust_remote_code users could not load it.
+        if self.__dict__.get("_auto_class", ...) is None:
+            del self.__dict__["_auto_class"]
 
     def validate_architecture(self):
         """Checks run at construction by `@strict`: every error names the field, the value and what is valid."""
