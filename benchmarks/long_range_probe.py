@@ -173,7 +173,7 @@ def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
     """The shared tokenizer and the probe dataset, written once per setup (kept when the setup is unchanged)."""
     from transformers import AutoTokenizer
 
-    from scrolls_ssm.probe import probe_rows, write_probe_dataset
+    from scrolls_ssm.probe import PROBE_TASKS, probe_rows, write_probe_dataset
     from scrolls_ssm.synthetic import train_sentencepiece_tokenizer
 
     data_dir, tokenizer_dir, marker = out / "data", out / "tokenizer", out / "data" / "setup.json"
@@ -183,9 +183,8 @@ def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
     shutil.rmtree(data_dir, ignore_errors=True)
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
     # Lengths are counted in the tokenizer's tokens, so it is trained first, on word-counted examples of every task.
-    sample = [row["input"] + " " + row["output"] for row in probe_rows(
-        ("single_needle", "multi_key_needle", "variable_tracking", "aggregation"), (512,), [None], 40, setup.seed,
-        "tokenizer")]  # fmt: skip
+    rows = probe_rows(PROBE_TASKS, (512,), [None], per_cell=40, seed=setup.seed, split="tokenizer")
+    sample = [row["input"] + " " + row["output"] for row in rows]
     tokenizer = train_sentencepiece_tokenizer(sample, tokenizer_dir / "_sentencepiece", vocab_size=setup.vocab_size)
     tokenizer.save_pretrained(tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -36,8 +36,16 @@ CHECKPOINT_PREFIX = "step_"
 # (the `kill_point` calls), so tests can land a `kill -9` deterministically inside a save or right after one.
 TEST_KILL_ENV = "SCROLLS_SSM_TEST_KILL_AT"
 # What reading a damaged checkpoint raises: truncated safetensors, torch pickles cut short, missing or garbled files.
-LOAD_ERRORS = (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, yaml.YAMLError)
-LOAD_ERRORS += (SafetensorError,)
+LOAD_ERRORS = (
+    OSError,
+    ValueError,
+    RuntimeError,
+    EOFError,
+    KeyError,
+    pickle.UnpicklingError,
+    yaml.YAMLError,
+    SafetensorError,
+)
 
 
 @dataclass
@@ -127,9 +135,10 @@ def load_checkpoint(accelerator: Accelerator, candidates: list[Path], cfg: RunCo
 
 
 def check_same_model(cfg: RunConfig, checkpoint: Path) -> None:
-    saved = yaml.safe_load((checkpoint / "run_config.yaml").read_text())
-    if saved["model"] != cfg.to_dict()["model"]:
-        changed = sorted(k for k in saved["model"] if saved["model"][k] != cfg.to_dict()["model"].get(k))
+    saved = yaml.safe_load((checkpoint / "run_config.yaml").read_text())["model"]
+    current = cfg.to_dict()["model"]
+    if saved != current:
+        changed = sorted(key for key in saved if saved[key] != current.get(key))
         raise RunConfigError(
             f"checkpoint {checkpoint} was written by a run with a different model (model.{', model.'.join(changed)} "
             "differ). Resume with the same model settings, or start a new run in another train.output_dir."
