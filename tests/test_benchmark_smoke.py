@@ -17,7 +17,7 @@ from tests.conftest import import_benchmark
 
 CONFIGS = ["s4d", "mamba2", "led"]  # two of our mixers and the SCROLLS LED baseline
 LENGTHS = [64, 128]
-NUMERIC = ["time_s", "tokens_per_s", "peak_mem_mb", "gflop", "achieved_gflops", "matmul_gflops", "matmul_util"]
+NUMERIC = ["time_s", "tokens_per_s", "gflop", "achieved_gflops", "matmul_gflops", "matmul_util"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,9 @@ def test_sweep_writes_expected_outputs(encoder_scaling, tmp_path, monkeypatch):
         assert row["status"] == "ok", row
         for field in NUMERIC:
             assert float(row[field]) > 0, (field, row)
+        # CPU peak memory is RSS growth: in this reused process the allocator may already hold the pages a run needs,
+        # so growth can be 0 here. A fresh worker (as the sweep really uses) measures it; the worker test checks that.
+        assert float(row["peak_mem_mb"]) >= 0, row
     report = csv_path.with_suffix(".md").read_text()
     assert "## Forward + backward time" in report and "| led |" in report
     assert csv_path.with_suffix(".png").stat().st_size > 0
@@ -54,7 +57,7 @@ def test_worker_process_reports_a_result(encoder_scaling):
     spec = {"config": "attention", "length": 64, "size": size, "device": "cpu", "repeats": 1}
     result = encoder_scaling.run_worker(spec, timeout_s=120, max_rss_bytes=8 * 2**30)
     assert result["status"] == "ok", result
-    assert result["time_s"] > 0 and result["gflop"] > 0
+    assert result["time_s"] > 0 and result["gflop"] > 0 and result["peak_mem_mb"] > 0
 
 
 def test_unregistered_kind_is_recorded_as_skipped(encoder_scaling, tmp_path, monkeypatch):
