@@ -37,6 +37,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results" / "long_range"
 class Setup:
     """What every contender shares: model width and depth, the data, and the training budget."""
 
+    tasks: tuple[str, ...] = ("single_needle", "multi_key_needle", "variable_tracking", "aggregation")
     d_model: int = 64
     encoder_layers: int = 4
     decoder_layers: int = 1
@@ -185,7 +186,9 @@ def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
     # Lengths are counted in the tokenizer's tokens, so it is trained first, on word-counted examples of every task.
     rows = probe_rows(PROBE_TASKS, (512,), [None], per_cell=40, seed=setup.seed, split="tokenizer")
     sample = [row["input"] + " " + row["output"] for row in rows]
-    tokenizer = train_sentencepiece_tokenizer(sample, tokenizer_dir / "_sentencepiece", vocab_size=setup.vocab_size)
+    tokenizer = train_sentencepiece_tokenizer(
+        sample, tokenizer_dir / "_sentencepiece", vocab_size=setup.vocab_size, split_digits=True
+    )
     tokenizer.save_pretrained(tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
@@ -194,6 +197,7 @@ def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
 
     write_probe_dataset(
         data_dir,
+        tasks=setup.tasks,
         train_lengths=setup.train_lengths,
         num_train_per_length=setup.train_rows_per_length,
         eval_lengths=setup.eval_lengths,

@@ -149,6 +149,8 @@ def _convert_state_dict(source: PreTrainedModel, config: ScrollsSSMConfig) -> di
             mapped = _encoder_layer_param(name, config)
             if mapped is not None:
                 state[mapped] = tensor
+        elif name == "model.encoder.embed_positions.weight" and config.encoder_positions == "none":
+            continue  # an encoder without a position table: the pretrained one is dropped
         elif name.endswith("embed_positions.weight"):
             limit = config.max_source_positions if ".encoder." in name else config.max_position_embeddings
             positions = _tile_positions(tensor[offset:], limit)

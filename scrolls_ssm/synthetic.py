@@ -376,7 +376,11 @@ def _bpe_merges(vocab: Mapping[str, int]) -> list[tuple[str, str]]:
 
 
 def train_sentencepiece_tokenizer(
-    texts: Iterable[str], out_dir: str | os.PathLike[str], vocab_size: int = 1000, max_lines: int = 200_000
+    texts: Iterable[str],
+    out_dir: str | os.PathLike[str],
+    vocab_size: int = 1000,
+    max_lines: int = 200_000,
+    split_digits: bool = False,
 ) -> PreTrainedTokenizerBase:
     """Train a SentencePiece BPE model in-process and return it as a `transformers` fast tokenizer.
 
@@ -385,6 +389,8 @@ def train_sentencepiece_tokenizer(
     SentencePiece model is converted to a `tokenizers` BPE model with the same pieces and merges (newlines are kept as
     pieces of their own), so `save_pretrained` writes a plain tokenizer.json that
     `AutoTokenizer.from_pretrained` reads offline without sentencepiece. `out_dir` receives `spm.model`.
+    `split_digits=True` makes every digit a piece of its own, so a number is always split the same way (one token per
+    digit) wherever it occurs: what a model that copies numbers needs.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -412,6 +418,7 @@ def train_sentencepiece_tokenizer(
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             character_coverage=1.0,
+            split_digits=split_digits,
             # Small corpora cannot always fill the requested vocabulary; a smaller one is fine.
             hard_vocab_limit=False,
             minloglevel=2,

@@ -60,6 +60,17 @@ def test_positions_are_tiled_up_to_max_source_positions(tiny_bart):
     assert model.model.decoder.embed_positions.weight.shape == tiny_bart.model.decoder.embed_positions.weight.shape
 
 
+def test_swap_to_an_encoder_without_positions_drops_the_table_and_loads_strictly(tiny_bart, tmp_path):
+    model = swap_encoder(tiny_bart, ["s4d", "s4d"], encoder_positions="none")
+    assert model.model.encoder.embed_positions is None
+    assert torch.equal(  # the decoder keeps its own positions
+        model.model.decoder.embed_positions.weight, tiny_bart.model.decoder.embed_positions.weight
+    )
+    model.save_pretrained(tmp_path)
+    _, info = ScrollsSSMForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+
+
 def test_swap_from_a_local_path_brings_the_tokenizer(tmp_path, tiny_bart, tokenizer):
     tiny_bart.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)

@@ -53,6 +53,7 @@ def test_config_defaults_and_json_round_trip(tmp_path):
         ),
         (dict(attention_window=0), "attention_window=0"),
         (dict(max_source_positions=0), "max_source_positions=0"),
+        (dict(encoder_positions="rotary"), "encoder_positions='rotary' is invalid: expected one of ['learned', 'none']"),
         (dict(d_model=30, encoder_attention_heads=4), "encoder_attention_heads=4"),
     ],
 )
@@ -60,6 +61,25 @@ def test_config_rejects_bad_values_naming_field_and_value(fields, message):
     with pytest.raises(StrictDataclassError) as error:
         ScrollsSSMConfig(**fields)
     assert message in str(error.value)
+
+
+def test_an_encoder_without_positions_has_no_table_and_no_length_it_was_sized_for(tmp_path):
+    """`encoder_positions="none"`: no position parameters; the outputs do not depend on `max_source_positions`, so
+    a model saved with a short limit reads longer inputs once the limit is raised, with the same weights."""
+    model = tiny_model(encoder_layer_types=["s4d", "attention"], encoder_positions="none", max_source_positions=32)
+    assert model.model.encoder.embed_positions is None
+    assert not any("embed_positions" in name for name in model.state_dict() if ".encoder." in name)
+    model.save_pretrained(tmp_path)
+    input_ids, mask, _ = _batch(seq=24)
+    long_ids = torch.randint(4, 120, (1, 80), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="raise `config.max_source_positions`"):
+        model.model.encoder(input_ids=long_ids)
+    longer = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, max_source_positions=4096).eval()
+    with torch.no_grad():
+        expected = model.model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        actual = longer.model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        assert longer.model.encoder(input_ids=long_ids).last_hidden_state.shape == (1, 80, model.config.d_model)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
 # --- Auto classes, save / load, remote code -------------------------------------------------------------------------

@@ -197,3 +197,16 @@ def test_tokenizer_round_trip(data_dir, tmp_path):
     assert (reloaded.pad_token_id, reloaded.eos_token_id) == (1, 2)
     batch = reloaded(["short one", text], padding=True)["input_ids"]
     assert batch[0][-1] == 1 and len(batch[0]) == len(batch[1])
+
+
+def test_split_digits_gives_one_token_per_digit_wherever_a_number_stands(tmp_path):
+    numbers = [str(n) for n in range(10000, 99999, 37)]
+    texts = [f"the number is {a} and then {b}." for a, b in zip(numbers, reversed(numbers), strict=True)]
+    split = train_sentencepiece_tokenizer(texts, tmp_path / "split", vocab_size=300, split_digits=True)
+    merged = train_sentencepiece_tokenizer(texts, tmp_path / "merged", vocab_size=300)
+    for text in ("is 48213 .", "is 48213.", "(48213)"):
+        pieces = split.tokenize(text)
+        assert [piece for piece in pieces if any(c.isdigit() for c in piece)] == list("48213"), pieces
+    assert any(sum(c.isdigit() for c in piece) > 1 for piece in merged.tokenize("is 48213 and 10037."))
+    tokens = split("is 48213 .")["input_ids"]
+    assert split.decode(tokens, skip_special_tokens=True) == "is 48213 ."

@@ -12,6 +12,7 @@ from transformers import BartConfig
 # The kinds of encoder token mixer. `mixers.MIXERS` maps each to its class; a test keeps the two in step. The list
 # lives here, free of torch, so that a config can be validated without building a model.
 MIXER_KINDS: tuple[str, ...] = ("attention", "s4d", "mamba", "mamba2", "gss")
+ENCODER_POSITIONS: tuple[str, ...] = ("learned", "none")
 
 
 def _require(condition: bool, field: str, value: object, expected: str) -> None:
@@ -29,6 +30,11 @@ class ScrollsSSMConfig(BartConfig):
       which is plain BART. Hybrids are lists such as `["gss", "gss", "gss", "attention"] * 3`.
     - `max_source_positions`: the encoder's length limit (learned positions are kept up to this length). It is
       separate from `max_position_embeddings`, which stays the decoder's limit.
+    - `encoder_positions`: `"learned"` (BART's absolute position table, the default and what a converted checkpoint
+      has) or `"none"`: no position table, the mixers alone tell tokens apart by place (state-space and convolution
+      layers do; full attention layers do not, so use it with a state-space layer first). A model trained on short
+      inputs then meets no untrained position on long ones, and `max_source_positions` is only a limit that can be
+      raised without retraining.
     - `attention_window`: `None` for full attention in `attention` layers; an int `w` for block-local attention,
       where each block of `w` tokens attends to itself and its two neighbouring blocks.
     - `ssm_*` and `<kind>_*`: hyper-parameters of the state-space mixers, read only by the layers of that kind.
@@ -44,6 +50,7 @@ class ScrollsSSMConfig(BartConfig):
 
     encoder_layer_types: list[str] | None = None
     max_source_positions: int = 16384
+    encoder_positions: str = "learned"
     attention_window: int | None = None
     # State-space mixers (docs/mixers.md). dt, A and their kin train with `ssm_lr` and no weight decay.
     ssm_lr: float | None = 1e-3  # learning rate of the SSM dynamics parameters; None: the run's learning rate
@@ -93,6 +100,12 @@ class ScrollsSSMConfig(BartConfig):
             "max_source_positions",
             self.max_source_positions,
             "an int >= 1",
+        )
+        _require(
+            self.encoder_positions in ENCODER_POSITIONS,
+            "encoder_positions",
+            self.encoder_positions,
+            f"one of {list(ENCODER_POSITIONS)}",
         )
         _require(
             self.attention_window is None or (isinstance(self.attention_window, int) and self.attention_window >= 1),

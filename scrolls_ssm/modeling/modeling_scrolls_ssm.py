@@ -140,8 +140,8 @@ class ScrollsSSMPreTrainedModel(PreTrainedModel):
 
 
 class ScrollsSSMEncoder(ScrollsSSMPreTrainedModel):
-    """Token embeddings + learned positions up to `config.max_source_positions`, then one block per entry of
-    `config.encoder_layer_types`."""
+    """Token embeddings + learned positions up to `config.max_source_positions` (none with
+    `config.encoder_positions="none"`), then one block per entry of `config.encoder_layer_types`."""
 
     def __init__(self, config: ScrollsSSMConfig):
         super().__init__(config)
@@ -152,7 +152,11 @@ class ScrollsSSMEncoder(ScrollsSSMPreTrainedModel):
         self.embed_tokens = BartScaledWordEmbedding(
             config.vocab_size, config.d_model, config.pad_token_id, embed_scale=embed_scale
         )
-        self.embed_positions = BartLearnedPositionalEmbedding(config.max_source_positions, config.d_model)
+        self.embed_positions = (
+            BartLearnedPositionalEmbedding(config.max_source_positions, config.d_model)
+            if config.encoder_positions == "learned"
+            else None
+        )
         self.layers = nn.ModuleList([ScrollsSSMEncoderBlock(config, i) for i in range(config.encoder_layers)])
         self.layernorm_embedding = nn.LayerNorm(config.d_model)
         self.gradient_checkpointing = False
@@ -184,17 +188,24 @@ class ScrollsSSMEncoder(ScrollsSSMPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         if seq > self.max_source_positions:
+            fix = (
+                "or convert with a larger `max_source_positions`"
+                if self.embed_positions is not None
+                else "or raise `config.max_source_positions` (this encoder has no position table, so any limit works)"
+            )
             raise ValueError(
-                f"The input has {seq} tokens but this encoder has learned positions for max_source_positions="
+                f"The input has {seq} tokens but this encoder takes at most max_source_positions="
                 f"{self.max_source_positions}. Truncate inputs in the data pipeline (max_source_length <= "
-                f"{self.max_source_positions}), or convert with a larger `max_source_positions`."
+                f"{self.max_source_positions}), {fix}."
             )
         if attention_mask is not None and attention_mask.shape != (batch, seq):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, seq) = {(batch, seq)}."
             )
 
-        hidden_states = inputs_embeds + self.embed_positions(inputs_embeds[:, :, -1]).to(inputs_embeds.device)
+        hidden_states = inputs_embeds
+        if self.embed_positions is not None:
+            hidden_states = hidden_states + self.embed_positions(inputs_embeds[:, :, -1]).to(inputs_embeds.device)
         hidden_states = self.layernorm_embedding(hidden_states)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
 
