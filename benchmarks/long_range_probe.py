@@ -45,7 +45,7 @@ class Setup:
     ffn_dim: int = 128
     window: int = 512  # block-local attention window (also the hybrids' attention layer)
     truncate: int = 1024  # what the truncation baseline reads
-    vocab_size: int = 1000
+    vocab_size: int = 1500  # room for every planted word as one piece (probe_vocabulary)
     train_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 16384)
     train_rows_per_length: int = 300
     eval_lengths: tuple[int, ...] = (1024, 4096, 16384)
@@ -88,6 +88,9 @@ CONTENDERS = {
 }
 
 
+STATE_SPACE = {"s4d", "mamba2", "mamba", "gss-hybrid", "s4d-hybrid"}  # their first layer sees order: no position table
+
+
 def layout(contender: str, layers: int) -> list[str]:
     kind = {"s4d": "s4d", "mamba2": "mamba2", "mamba": "mamba", "gss-hybrid": "gss", "s4d-hybrid": "s4d"}
     if contender.endswith("-hybrid"):
@@ -115,6 +118,9 @@ def overrides(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: Path,
         "gss_d_state": 32,
         "mamba2_headdim": min(32, 2 * setup.d_model),
         "mamba2_chunk_size": 64,
+        # State-space layouts read order from their mixers, so they need no position table, and one trained on
+        # short inputs meets no untrained position on long ones; attention layouts need their learned table.
+        "encoder_positions": "none" if contender in STATE_SPACE else "learned",
     }
     if contender == "led":
         model = [f"model.init_from={write_led(setup, config, limit, tokenizer_dir, out_dir.parent / 'led-init')}"]
@@ -132,7 +138,7 @@ def overrides(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: Path,
         "data.tasks=[quality]",
         f"data.data_dir={data_dir}",
         f"data.max_source_length={limit}",
-        "data.max_target_length=16",
+        "data.max_target_length=32",
         f"data.max_tokens_per_batch={setup.tokens_per_batch}",
         "data.predict_splits=[validation]",
         f"train.output_dir={out_dir}",
@@ -142,7 +148,7 @@ def overrides(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: Path,
         "train.warmup_ratio=0.05",
         "train.weight_decay=0.01",
         f"train.seed={setup.seed}",
-        "eval.max_new_tokens=16",
+        "eval.max_new_tokens=32",
         f"eval.max_tokens_per_batch={2 * max(setup.eval_lengths)}",
     ]
 
@@ -174,7 +180,7 @@ def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
     """The shared tokenizer and the probe dataset, written once per setup (kept when the setup is unchanged)."""
     from transformers import AutoTokenizer
 
-    from scrolls_ssm.probe import PROBE_TASKS, probe_rows, write_probe_dataset
+    from scrolls_ssm.probe import PROBE_TASKS, probe_rows, probe_vocabulary, write_probe_dataset
     from scrolls_ssm.synthetic import train_sentencepiece_tokenizer
 
     data_dir, tokenizer_dir, marker = out / "data", out / "tokenizer", out / "data" / "setup.json"
@@ -186,6 +192,7 @@ def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
     # Lengths are counted in the tokenizer's tokens, so it is trained first, on word-counted examples of every task.
     rows = probe_rows(PROBE_TASKS, (512,), [None], per_cell=40, seed=setup.seed, split="tokenizer")
     sample = [row["input"] + " " + row["output"] for row in rows]
+    sample += [" ".join(probe_vocabulary())] * 50  # every planted word often enough to stay one piece
     tokenizer = train_sentencepiece_tokenizer(
         sample, tokenizer_dir / "_sentencepiece", vocab_size=setup.vocab_size, split_digits=True
     )

@@ -48,6 +48,11 @@ _MARKED_WORDS = (
     "lantern compass anchor hammer kettle ladder needle pulley saddle shovel "
     "trumpet violin whistle bucket candle chisel mirror ribbon spindle quill"
 ).split()
+# Variable names: a fixed pool of 5-letter capitals, so a tokenizer trained with `probe_vocabulary()` in its sample
+# keeps each name one piece, and copying a name is copying one token (random strings come out as arbitrary pieces).
+_VARIABLE_NAMES = tuple(
+    sorted({"".join(random.Random(f"variable-name/{i}").choices(string.ascii_uppercase, k=5)) for i in range(100)})
+)
 NUM_KEYS = 4  # facts in a multi-key needle document
 NUM_MARKED = 5  # distinct marked words in an aggregation document
 
@@ -93,7 +98,7 @@ def _multi_key_needle(rng: random.Random, depth: float) -> tuple[str, list[tuple
 
 def _variable_name(rng: random.Random, taken: set[str]) -> str:
     while True:
-        name = "".join(rng.choices(string.ascii_uppercase, k=5))
+        name = rng.choice(_VARIABLE_NAMES)
         if name not in taken:
             taken.add(name)
             return name
@@ -176,6 +181,12 @@ def probe_example(
         if index < len(filler):
             document.append(filler[index])
     return header + " ".join(document), answer
+
+
+def probe_vocabulary() -> list[str]:
+    """Every word the tasks plant (keys, variable names, marked words): add it to a tokenizer's training sample a few
+    times so each stays one piece, as `benchmarks/long_range_probe.py` does."""
+    return [*_COLORS, *_ANIMALS, *_VARIABLE_NAMES, *_MARKED_WORDS]
 
 
 # --- datasets --------------------------------------------------------------------------------------------------------

@@ -53,7 +53,10 @@ def test_config_defaults_and_json_round_trip(tmp_path):
         ),
         (dict(attention_window=0), "attention_window=0"),
         (dict(max_source_positions=0), "max_source_positions=0"),
-        (dict(encoder_positions="rotary"), "encoder_positions='rotary' is invalid: expected one of ['learned', 'none']"),
+        (
+            dict(encoder_positions="rotary"),
+            "encoder_positions='rotary' is invalid: expected one of ['learned', 'none']",
+        ),
         (dict(d_model=30, encoder_attention_heads=4), "encoder_attention_heads=4"),
     ],
 )

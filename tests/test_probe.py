@@ -17,6 +17,7 @@ from scrolls_ssm.probe import (
     probe_example,
     probe_naive_baseline,
     probe_scores,
+    probe_vocabulary,
     write_probe_dataset,
 )
 from scrolls_ssm.synthetic import filler_sentence
@@ -116,3 +117,15 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         probe_example("single_needle", 5, 0, random.Random(0))
     with pytest.raises(ValueError, match=r"unknown probe task\(s\) \['x'\]"):
         write_probe_dataset(tmp_path, tasks=["x"])
+
+
+def test_every_planted_word_is_in_the_probe_vocabulary():
+    vocabulary = set(probe_vocabulary())
+    for seed in range(20):
+        text, answer = probe_example("variable_tracking", 600, 50, random.Random(seed))
+        assert set(re.findall(r"VAR ([A-Z]{5}) =", text)) <= vocabulary and set(answer.split()) <= vocabulary
+        text, _ = probe_example("multi_key_needle", 600, 50, random.Random(seed))
+        for key in re.findall(r"number for the ([a-z]+ [a-z]+) is", text):
+            assert set(key.split()) <= vocabulary
+        _, answer = probe_example("aggregation", 600, None, random.Random(seed))
+        assert answer in vocabulary
