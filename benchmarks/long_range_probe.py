@@ -45,7 +45,7 @@ class Setup:
     ffn_dim: int = 128
     window: int = 512  # block-local attention window (also the hybrids' attention layer)
     truncate: int = 1024  # what the truncation baseline reads
-    vocab_size: int = 1500  # room for every planted word as one piece (probe_vocabulary)
+    vocab_size: int = 2000  # room for every planted word as one piece (probe_vocabulary)
     train_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 16384)
     train_rows_per_length: int = 300
     eval_lengths: tuple[int, ...] = (1024, 4096, 16384)

@@ -3,24 +3,25 @@ of Your Long-Context Language Models?"): synthetic inputs of a controlled length
 
 Four tasks, each a question followed by "\\n\\n" and a document of filler sentences:
 
-* `single_needle`: one fact "The special magic number for the <key> is <value> ." The question asks for the value.
+* `single_needle`: one fact "The special magic word for the <key> is <value> ." The question asks for the value.
 * `multi_key_needle`: four facts of that form with different keys; the question asks for one of them.
-* `variable_tracking`: a chain "VAR QZKTA = 48213 ." "VAR MWLRB = QZKTA ." ... of 2 to 4 hops spread from the
+* `variable_tracking`: a chain "VAR QZKTA = bamenu ." "VAR MWLRB = QZKTA ." ... of 2 to 4 hops spread from the
   depth to the end of the document, beside a distractor chain holding another value; the answer is every variable of
   the asked value's chain, in order ("QZKTA MWLRB ...").
 * `aggregation`: five marked words ("The marked word is lantern .") planted 2 to 8 times each at random places; the
   answer is the most frequent one, which needs the whole input.
 
-Every planted value, name and word is followed by a space (`... is 48213 .`), so a subword tokenizer splits it as it
-splits the answer: a value glued to its full stop ("48213.") can come out as other pieces ("48", "2", "1", "3.") and
-copying it becomes harder than it need be.
+Values are made-up words from a fixed pool of 200 ("bamenu"), variable names come from a fixed pool of 100, and
+`probe_vocabulary()` lists every planted word so that a tokenizer trained with it keeps each one a single piece: the
+probe then measures finding a fact, not copying a string piece by piece. Every planted word is followed by a space
+(`... is bamenu .`), so it is split as the answer is (a word glued to its full stop can come out as other pieces).
 
 Rows are written in the SCROLLS format (`id`, `pid`, `input`, `output`, question first) under the exact-match SCROLLS
 task `quality` (`PROBE_SCROLLS_TASK`), so the loaders, the training loop and the official metric run them unchanged.
 The ids carry the cell: `single_needle.L4096.D25.3` is the 4th example of 4,096 tokens with its fact at 25% depth
-(`parse_probe_id`). Keys, values, variable names and marked words never occur in the filler, and a value is a random
-5-digit number, so nothing but the planted facts gives an answer away: the best constant answer scores ~0 on the
-needles and variable tracking, and ~1/20 on aggregation (`probe_naive_baseline`).
+(`parse_probe_id`). Keys, values, variable names and marked words never occur in the filler, and values are drawn
+at random, so nothing but the planted facts gives an answer away: the best constant answer scores ~1/200 on the
+needles, ~0 on variable tracking and ~1/20 on aggregation (`probe_naive_baseline`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ _MARKED_WORDS = (
 _VARIABLE_NAMES = tuple(
     sorted({"".join(random.Random(f"variable-name/{i}").choices(string.ascii_uppercase, k=5)) for i in range(100)})
 )
+# Values: a fixed pool of made-up words (consonant-vowel syllables, never a filler word), one tokenizer piece each.
+# A value of one piece makes the probe measure finding the fact, not copying a string piece by piece: with 5-digit
+# numbers (5 pieces), a from-scratch model spent its whole budget learning to copy before any reading was measured.
+_VALUE_WORDS = tuple(
+    sorted(
+        {
+            "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(3))
+            for rng in (random.Random(f"value-word/{i}") for i in range(220))
+        }
+    )[:200]
+)
 NUM_KEYS = 4  # facts in a multi-key needle document
 NUM_MARKED = 5  # distinct marked words in an aggregation document
 
@@ -72,16 +84,16 @@ def _key(rng: random.Random) -> str:
 
 
 def _value(rng: random.Random) -> str:
-    return str(rng.randint(10000, 99999))
+    return rng.choice(_VALUE_WORDS)
 
 
 def _needle(key: str, value: str) -> str:
-    return f"The special magic number for the {key} is {value} ."
+    return f"The special magic word for the {key} is {value} ."
 
 
 def _single_needle(rng: random.Random, depth: float) -> tuple[str, list[tuple[float, str]], str]:
     key, value = _key(rng), _value(rng)
-    return f"What is the special magic number for the {key}?", [(depth, _needle(key, value))], value
+    return f"What is the special magic word for the {key}?", [(depth, _needle(key, value))], value
 
 
 def _multi_key_needle(rng: random.Random, depth: float) -> tuple[str, list[tuple[float, str]], str]:
@@ -93,7 +105,7 @@ def _multi_key_needle(rng: random.Random, depth: float) -> tuple[str, list[tuple
     values = [_value(rng) for _ in keys]
     facts = [(depth, _needle(keys[0], values[0]))]
     facts += [(rng.random(), _needle(key, value)) for key, value in zip(keys[1:], values[1:], strict=True)]
-    return f"What is the special magic number for the {keys[0]}?", facts, values[0]
+    return f"What is the special magic word for the {keys[0]}?", facts, values[0]
 
 
 def _variable_name(rng: random.Random, taken: set[str]) -> str:
@@ -186,7 +198,7 @@ def probe_example(
 def probe_vocabulary() -> list[str]:
     """Every word the tasks plant (keys, variable names, marked words): add it to a tokenizer's training sample a few
     times so each stays one piece, as `benchmarks/long_range_probe.py` does."""
-    return [*_COLORS, *_ANIMALS, *_VARIABLE_NAMES, *_MARKED_WORDS]
+    return [*_COLORS, *_ANIMALS, *_VALUE_WORDS, *_VARIABLE_NAMES, *_MARKED_WORDS]
 
 
 # --- datasets --------------------------------------------------------------------------------------------------------

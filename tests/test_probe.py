@@ -54,12 +54,12 @@ def test_the_needle_sits_at_its_depth(depth):
 def test_only_the_planted_facts_give_the_answer():
     for seed in range(20):
         text, answer = probe_example("single_needle", 500, 40, random.Random(seed))
-        assert text.count(answer) == 1 and text.count("special magic number") == 2  # question + needle
+        assert text.count(answer) == 1 and text.count("special magic word") == 2  # question + needle
 
         text, answer = probe_example("multi_key_needle", 800, 40, random.Random(seed))
         question, document = text.split("\n\n", 1)
-        key = re.fullmatch(r"What is the special magic number for the (.+)\?", question).group(1)
-        needles = dict(re.findall(r"special magic number for the ([a-z ]+) is (\d+) \.", document))
+        key = re.fullmatch(r"What is the special magic word for the (.+)\?", question).group(1)
+        needles = dict(re.findall(r"special magic word for the ([a-z ]+) is ([a-z]+) \.", document))
         assert len(needles) == 4 and needles[key] == answer
 
         text, answer = probe_example("aggregation", 800, None, random.Random(seed))
@@ -74,7 +74,7 @@ def test_variable_tracking_answer_is_the_chain_of_the_asked_value():
     for seed in range(20):
         text, answer = probe_example("variable_tracking", 1000, 20, random.Random(seed))
         question, document = text.split("\n\n", 1)
-        value = re.fullmatch(r"Which variables are assigned the value (\d+)\?", question).group(1)
+        value = re.fullmatch(r"Which variables are assigned the value ([a-z]+)\?", question).group(1)
         assignments = re.findall(r"VAR ([A-Z]{5}) = (\w+) \.", document)
         holds = {}
         for name, source in assignments:  # in document order: a copy always follows its source
@@ -125,7 +125,8 @@ def test_every_planted_word_is_in_the_probe_vocabulary():
         text, answer = probe_example("variable_tracking", 600, 50, random.Random(seed))
         assert set(re.findall(r"VAR ([A-Z]{5}) =", text)) <= vocabulary and set(answer.split()) <= vocabulary
         text, _ = probe_example("multi_key_needle", 600, 50, random.Random(seed))
-        for key in re.findall(r"number for the ([a-z]+ [a-z]+) is", text):
-            assert set(key.split()) <= vocabulary
+        for key, value in re.findall(r"word for the ([a-z]+ [a-z]+) is ([a-z]+) \.", text):
+            assert set(key.split()) | {value} <= vocabulary
+        assert re.search(r"VAR [A-Z]{5} = ([a-z]+) \.", probe_example("variable_tracking", 600, 0, random.Random(0))[0])
         _, answer = probe_example("aggregation", 600, None, random.Random(seed))
         assert answer in vocabulary
