@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from probe_report import write_outputs
@@ -288,6 +288,7 @@ def load_previous(path: Path) -> list[dict]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), help="default: all")
+    parser.add_argument("--tasks", nargs="+", choices=list(Setup.tasks), help="probe tasks (default: all four)")
     parser.add_argument("--lengths", nargs="+", type=int, help="evaluation lengths in tokens (default 1K 4K 16K)")
     parser.add_argument("--steps", type=int, help="optimizer steps per contender")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model and data, two contenders")
@@ -296,14 +297,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def setup_from_args(args: argparse.Namespace) -> Setup:
+    """The default (or --quick) setup with the command line's tasks, evaluation lengths and steps."""
+    changes = {
+        "tasks": tuple(args.tasks) if args.tasks else None,
+        "eval_lengths": tuple(sorted(args.lengths)) if args.lengths else None,
+        "steps": args.steps,
+    }
+    return replace(QUICK if args.quick else Setup(), **{key: value for key, value in changes.items() if value})
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Runs the sweep and returns the CSV path."""
     args = parse_args(argv)
-    setup = QUICK if args.quick else Setup()
-    if args.lengths:
-        setup = Setup(**{**asdict(setup), "eval_lengths": tuple(sorted(args.lengths))})
-    if args.steps:
-        setup = Setup(**{**asdict(setup), "steps": args.steps})
+    setup = setup_from_args(args)
     contenders = args.contenders or (["s4d", "truncated"] if args.quick else list(CONTENDERS))
     stem = "long_range_probe" + ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)

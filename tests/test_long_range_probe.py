@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -37,3 +38,21 @@ def test_quick_sweep_scores_every_cell_and_resumes(long_range_probe, tmp_path, c
     assert "s4d: kept from long_range_probe_quick.csv" in capsys.readouterr().out
     with csv_path.open() as handle:
         assert list(csv.DictReader(handle)) == rows
+
+
+def test_state_space_contenders_run_without_a_position_table(long_range_probe, tmp_path):
+    """Only the contenders whose first layer sees order drop the position table; attention layouts keep theirs."""
+    for contender in ("s4d", "mamba2", "mamba", "gss-hybrid", "s4d-hybrid", "attention", "local-attention"):
+        args = long_range_probe.overrides(contender, long_range_probe.QUICK, tmp_path, tmp_path, tmp_path / "run")
+        config = json.loads(next(arg for arg in args if arg.startswith("model.config=")).split("=", 1)[1])
+        expected = "learned" if contender.endswith("attention") else "none"
+        assert config["encoder_positions"] == expected, contender
+
+
+def test_command_line_narrows_the_setup(long_range_probe):
+    args = long_range_probe.parse_args(["--tasks", "single_needle", "--lengths", "4096", "1024", "--steps", "7"])
+    setup = long_range_probe.setup_from_args(args)
+    assert (setup.tasks, setup.eval_lengths, setup.steps) == (("single_needle",), (1024, 4096), 7)
+    assert setup.d_model == long_range_probe.Setup().d_model
+    with pytest.raises(SystemExit):
+        long_range_probe.parse_args(["--tasks", "needle"])
