@@ -45,7 +45,7 @@ class Setup:
     ffn_dim: int = 128
     window: int = 512  # block-local attention window (also the hybrids' attention layer)
     truncate: int = 1024  # what the truncation baseline reads
-    vocab_size: int = 2000  # room for every planted word as one piece (probe_vocabulary)
+    vocab_size: int = 1000  # keeps every planted word (probe_vocabulary) one piece
     # Short training inputs: many examples per step, so retrieval is learned within minutes; layouts without a
     # position table carry it to 16K (docs/long_range.md). Learned-position layouts have nothing past 512 trained.
     train_lengths: tuple[int, ...] = (256, 512)
@@ -56,6 +56,9 @@ class Setup:
     steps: int = 1500
     tokens_per_batch: int = 2048
     learning_rate: float = 1e-3
+    # Learned-position layouts have rows trained only up to the longest training input; after training, those rows
+    # are copied over the rest of the table (as LED's 16K table was made from BART's 1K one) before evaluation.
+    tile_positions: bool = True
     seed: int = 0
 
 
@@ -100,8 +103,17 @@ def layout(contender: str, layers: int) -> list[str]:
     return [kind.get(contender, "attention")] * layers
 
 
-def overrides(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: Path, out_dir: Path) -> list[str]:
-    """The run_finetune.py overrides of one contender: everything but the encoder layout is shared."""
+def overrides(
+    contender: str,
+    setup: Setup,
+    data_dir: Path,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    predict: bool = True,
+    evaluate_from: Path | None = None,
+) -> list[str]:
+    """The run_finetune.py overrides of one contender: everything but the encoder layout is shared. `predict=False`
+    only trains; `evaluate_from` only predicts, with the model saved in that folder (no training step)."""
     limit = max(setup.eval_lengths + setup.train_lengths) + 16  # room for <s> / </s>, a multiple of 8
     if contender == "truncated":
         limit = setup.truncate
@@ -124,7 +136,9 @@ def overrides(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: Path,
         # short inputs meets no untrained position on long ones; attention layouts need their learned table.
         "encoder_positions": "none" if contender in STATE_SPACE else "learned",
     }
-    if contender == "led":
+    if evaluate_from is not None:
+        model = [f"model.init_from={evaluate_from}"]
+    elif contender == "led":
         model = [f"model.init_from={write_led(setup, config, limit, tokenizer_dir, out_dir.parent / 'led-init')}"]
     else:
         model = [
@@ -142,9 +156,11 @@ def overrides(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: Path,
         f"data.max_source_length={limit}",
         "data.max_target_length=32",
         f"data.max_tokens_per_batch={setup.tokens_per_batch}",
-        "data.predict_splits=[validation]",
+        f"data.predict_splits={'[validation]' if predict else '[]'}",
+        # A training-only run still scores its eval split at the end: 8 rows keep that cheap.
+        *([] if predict else ["data.max_eval_samples=8"]),
         f"train.output_dir={out_dir}",
-        f"train.max_steps={setup.steps}",
+        f"train.max_steps={0 if evaluate_from is not None else setup.steps}",
         "train.num_epochs=100",
         f"train.learning_rate={setup.learning_rate}",
         "train.warmup_ratio=0.05",
@@ -219,30 +235,69 @@ def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
     return data_dir, tokenizer_dir
 
 
+def tile_learned_positions(model_dir: Path, period: int) -> None:
+    """Copy the first `period` rows of the encoder's learned position table (the trained ones) over the rest of it,
+    in the saved weights of `model_dir` (ours: BART's table, rows offset by 2; LED: offset 0)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from scrolls_ssm.convert import tile_positions
+
+    path = model_dir / "model.safetensors"
+    weights = load_file(path)
+    names = [name for name in weights if name.endswith("encoder.embed_positions.weight")]
+    if len(names) != 1:
+        raise ValueError(f"{path}: expected one encoder position table, found {names}")
+    table = weights[names[0]]
+    offset = 0 if names[0].startswith("led.") else 2
+    rows = table[offset:]
+    weights[names[0]] = torch.cat([table[:offset], tile_positions(rows[:period], rows.shape[0])])
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(weights, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _run(command: list[str], log: Path) -> str | None:
+    """Run one run_finetune.py command, appending to `log`; None on success, else the last line that is not a
+    progress bar."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    with log.open("a") as handle:
+        process = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if process.returncode == 0:
+        return None
+    lines = log.read_text().replace("\r", "\n").strip().splitlines()
+    return ([line for line in lines if "it/s]" not in line][-1:] or ["no output"])[0][:300]
+
+
 def run_contender(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: Path, out: Path) -> list[dict]:
-    """Train and evaluate one contender in its own process; one CSV row per (task, length, depth) cell."""
+    """Train and evaluate one contender in its own process; one CSV row per (task, length, depth) cell.
+    Learned-position contenders train, have their position table tiled (`Setup.tile_positions`), then evaluate."""
     from scrolls_ssm.data import group_references, load_scrolls
     from scrolls_ssm.probe import PROBE_SCROLLS_TASK, probe_scores
 
     run_dir = out / "runs" / contender
     shutil.rmtree(run_dir, ignore_errors=True)  # the sweep owns this folder; a contender always starts fresh
-    command = [
-        sys.executable,
-        str(REPO / "run_finetune.py"),
-        *overrides(contender, setup, data_dir, tokenizer_dir, run_dir),
-    ]
-    started = time.monotonic()
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     log = out / "runs" / f"{contender}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as handle:
-        process = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    log.write_text("")
+    finetune = [sys.executable, str(REPO / "run_finetune.py")]
+    started = time.monotonic()
+    tile = setup.tile_positions and contender not in STATE_SPACE
+    error = _run([*finetune, *overrides(contender, setup, data_dir, tokenizer_dir, run_dir, predict=not tile)], log)
+    predictions_dir = run_dir
+    if tile and error is None:
+        tile_learned_positions(run_dir / "model", max(setup.train_lengths))
+        predictions_dir = run_dir / "tiled"
+        evaluate = overrides(
+            contender, setup, data_dir, tokenizer_dir, predictions_dir, evaluate_from=run_dir / "model"
+        )
+        error = _run([*finetune, *evaluate], log)
     seconds = time.monotonic() - started
-    if process.returncode != 0:
-        lines = log.read_text().replace("\r", "\n").strip().splitlines()
-        tail = [line for line in lines if "it/s]" not in line][-1:] or ["no output"]  # not a progress bar
-        return [{"contender": contender, "status": "error", "note": tail[0][:300], "seconds": round(seconds)}]
-    predictions = json.loads((run_dir / "predictions" / "validation" / f"{PROBE_SCROLLS_TASK}.json").read_text())
+    if error is not None:
+        return [{"contender": contender, "status": "error", "note": error, "seconds": round(seconds)}]
+    predictions = json.loads(
+        (predictions_dir / "predictions" / "validation" / f"{PROBE_SCROLLS_TASK}.json").read_text()
+    )
     _, references = group_references(load_scrolls(PROBE_SCROLLS_TASK, "validation", data_files=str(data_dir)))
     return [
         {

@@ -128,7 +128,7 @@ def _scrolls_config(source_config, encoder_layer_types, max_source_positions, ov
     )
 
 
-def _tile_positions(pretrained: torch.Tensor, length: int) -> torch.Tensor:
+def tile_positions(pretrained: torch.Tensor, length: int) -> torch.Tensor:
     """(n, d) learned positions -> (length, d), repeating the pretrained table as often as needed."""
     repeats = -(-length // pretrained.shape[0])
     return pretrained.repeat(repeats, 1)[:length]
@@ -153,7 +153,7 @@ def _convert_state_dict(source: PreTrainedModel, config: ScrollsSSMConfig) -> di
             continue  # an encoder without a position table: the pretrained one is dropped
         elif name.endswith("embed_positions.weight"):
             limit = config.max_source_positions if ".encoder." in name else config.max_position_embeddings
-            positions = _tile_positions(tensor[offset:], limit)
+            positions = tile_positions(tensor[offset:], limit)
             # Rows before the offset are never looked up; keep BART's so a plain BART round-trips exactly.
             head = (
                 tensor[:_BART_POSITION_OFFSET]

@@ -3,25 +3,25 @@ of Your Long-Context Language Models?"): synthetic inputs of a controlled length
 
 Four tasks, each a question followed by "\\n\\n" and a document of filler sentences:
 
-* `single_needle`: one fact "The special magic word for the <key> is <value> ." The question asks for the value.
+* `single_needle`: one fact "The special magic number for the <key> is <value> ." The question asks for the value.
 * `multi_key_needle`: four facts of that form with different keys; the question asks for one of them.
-* `variable_tracking`: a chain "VAR QZKTA = bamenu ." "VAR MWLRB = QZKTA ." ... of 2 to 4 hops spread from the
+* `variable_tracking`: a chain "VAR X417 = 48213 ." "VAR X902 = X417 ." ... of 2 to 4 hops spread from the
   depth to the end of the document, beside a distractor chain holding another value; the answer is every variable of
-  the asked value's chain, in order ("QZKTA MWLRB ...").
+  the asked value's chain, in order ("X417 X902 ...").
 * `aggregation`: five marked words ("The marked word is lantern .") planted 2 to 8 times each at random places; the
   answer is the most frequent one, which needs the whole input.
 
-Values are made-up words from a fixed pool of 200 ("bamenu"), variable names come from a fixed pool of 100, and
-`probe_vocabulary()` lists every planted word so that a tokenizer trained with it keeps each one a single piece: the
-probe then measures finding a fact, not copying a string piece by piece. Every planted word is followed by a space
-(`... is bamenu .`), so it is split as the answer is (a word glued to its full stop can come out as other pieces).
+Values are random 5-digit numbers and variable names "X" and 3 digits; a tokenizer trained with `split_digits=True`
+makes every digit a token, so both are copied digit by digit the same way wherever they stand. `probe_vocabulary()`
+lists the planted words (keys and marked words), so a tokenizer trained with it in its sample keeps each one piece.
+Every planted value, name and word is followed by a space (`... is 48213 .`), so it is split as the answer is.
 
 Rows are written in the SCROLLS format (`id`, `pid`, `input`, `output`, question first) under the exact-match SCROLLS
 task `quality` (`PROBE_SCROLLS_TASK`), so the loaders, the training loop and the official metric run them unchanged.
 The ids carry the cell: `single_needle.L4096.D25.3` is the 4th example of 4,096 tokens with its fact at 25% depth
 (`parse_probe_id`). Keys, values, variable names and marked words never occur in the filler, and values are drawn
-at random, so nothing but the planted facts gives an answer away: the best constant answer scores ~1/200 on the
-needles, ~0 on variable tracking and ~1/20 on aggregation (`probe_naive_baseline`).
+at random, so nothing but the planted facts gives an answer away: the best constant answer scores ~0 on the
+needles and variable tracking, and ~1/20 on aggregation (`probe_naive_baseline`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import string
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -49,22 +48,10 @@ _MARKED_WORDS = (
     "lantern compass anchor hammer kettle ladder needle pulley saddle shovel "
     "trumpet violin whistle bucket candle chisel mirror ribbon spindle quill"
 ).split()
-# Variable names: a fixed pool of 5-letter capitals, so a tokenizer trained with `probe_vocabulary()` in its sample
-# keeps each name one piece, and copying a name is copying one token (random strings come out as arbitrary pieces).
-_VARIABLE_NAMES = tuple(
-    sorted({"".join(random.Random(f"variable-name/{i}").choices(string.ascii_uppercase, k=5)) for i in range(100)})
-)
-# Values: a fixed pool of made-up words (consonant-vowel syllables, never a filler word), one tokenizer piece each.
-# A value of one piece makes the probe measure finding the fact, not copying a string piece by piece: with 5-digit
-# numbers (5 pieces), a from-scratch model spent its whole budget learning to copy before any reading was measured.
-_VALUE_WORDS = tuple(
-    sorted(
-        {
-            "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(3))
-            for rng in (random.Random(f"value-word/{i}") for i in range(220))
-        }
-    )[:200]
-)
+# Values are 5-digit numbers and variable names are "X" and 3 digits ("X417"). With a tokenizer that splits digits
+# (`train_sentencepiece_tokenizer(split_digits=True)`), both are copied one digit at a time: ten output classes, each
+# seen in every example, which a from-scratch model learns within minutes (docs/long_range.md). Values drawn from a
+# pool of 200 one-token words were not learned in the same budget: each word is seen too rarely to be copied.
 NUM_KEYS = 4  # facts in a multi-key needle document
 NUM_MARKED = 5  # distinct marked words in an aggregation document
 
@@ -84,16 +71,16 @@ def _key(rng: random.Random) -> str:
 
 
 def _value(rng: random.Random) -> str:
-    return rng.choice(_VALUE_WORDS)
+    return str(rng.randint(10000, 99999))
 
 
 def _needle(key: str, value: str) -> str:
-    return f"The special magic word for the {key} is {value} ."
+    return f"The special magic number for the {key} is {value} ."
 
 
 def _single_needle(rng: random.Random, depth: float) -> tuple[str, list[tuple[float, str]], str]:
     key, value = _key(rng), _value(rng)
-    return f"What is the special magic word for the {key}?", [(depth, _needle(key, value))], value
+    return f"What is the special magic number for the {key}?", [(depth, _needle(key, value))], value
 
 
 def _multi_key_needle(rng: random.Random, depth: float) -> tuple[str, list[tuple[float, str]], str]:
@@ -105,12 +92,12 @@ def _multi_key_needle(rng: random.Random, depth: float) -> tuple[str, list[tuple
     values = [_value(rng) for _ in keys]
     facts = [(depth, _needle(keys[0], values[0]))]
     facts += [(rng.random(), _needle(key, value)) for key, value in zip(keys[1:], values[1:], strict=True)]
-    return f"What is the special magic word for the {keys[0]}?", facts, values[0]
+    return f"What is the special magic number for the {keys[0]}?", facts, values[0]
 
 
 def _variable_name(rng: random.Random, taken: set[str]) -> str:
     while True:
-        name = rng.choice(_VARIABLE_NAMES)
+        name = f"X{rng.randint(100, 999)}"
         if name not in taken:
             taken.add(name)
             return name
@@ -196,9 +183,9 @@ def probe_example(
 
 
 def probe_vocabulary() -> list[str]:
-    """Every word the tasks plant (keys, variable names, marked words): add it to a tokenizer's training sample a few
+    """Every word the tasks plant (keys and marked words): add it to a tokenizer's training sample a few
     times so each stays one piece, as `benchmarks/long_range_probe.py` does."""
-    return [*_COLORS, *_ANIMALS, *_VALUE_WORDS, *_VARIABLE_NAMES, *_MARKED_WORDS]
+    return [*_COLORS, *_ANIMALS, *_MARKED_WORDS]
 
 
 # --- datasets --------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from tests.conftest import import_benchmark
 
@@ -17,13 +18,17 @@ def long_range_probe():
 
 
 def test_quick_sweep_scores_every_cell_and_resumes(long_range_probe, tmp_path, capsys):
-    csv_path = long_range_probe.main(["--quick", "--contenders", "s4d", "--out", str(tmp_path)])
+    csv_path = long_range_probe.main(["--quick", "--contenders", "s4d", "truncated", "--out", str(tmp_path)])
     with csv_path.open() as handle:
         rows = list(csv.DictReader(handle))
     setup = long_range_probe.QUICK
-    cells = [row for row in rows if row["contender"] == "s4d"]
     expected = 3 * len(setup.eval_lengths) * len(setup.depths) + len(setup.eval_lengths)  # aggregation: no depths
-    assert len(cells) == expected and all(row["status"] == "ok" for row in cells), rows
+    for contender in ("s4d", "truncated"):  # truncated: trained, positions tiled, then evaluated in a second run
+        cells = [row for row in rows if row["contender"] == contender]
+        assert len(cells) == expected and all(row["status"] == "ok" for row in cells), rows
+    assert (tmp_path / "runs" / "truncated" / "tiled" / "predictions").is_dir()
+    trained_on = tmp_path / "runs" / "truncated" / "predictions" / "validation" / "quality.json"
+    assert len(json.loads(trained_on.read_text())) == 8  # the training-only run scores 8 rows, nothing more
     assert all(0.0 <= float(row["exact_match"]) <= 100.0 for row in cells)
     assert {row["task"] for row in rows if row["contender"] == "naive"} == {
         "single_needle", "multi_key_needle", "variable_tracking", "aggregation"
@@ -34,7 +39,7 @@ def test_quick_sweep_scores_every_cell_and_resumes(long_range_probe, tmp_path, c
         assert (tmp_path / f"long_range_probe_quick_{task}.png").stat().st_size > 0
 
     capsys.readouterr()
-    long_range_probe.main(["--quick", "--contenders", "s4d", "--resume", "--out", str(tmp_path)])
+    long_range_probe.main(["--quick", "--contenders", "s4d", "truncated", "--resume", "--out", str(tmp_path)])
     assert "s4d: kept from long_range_probe_quick.csv" in capsys.readouterr().out
     with csv_path.open() as handle:
         assert list(csv.DictReader(handle)) == rows
@@ -56,3 +61,29 @@ def test_command_line_narrows_the_setup(long_range_probe):
     assert setup.d_model == long_range_probe.Setup().d_model
     with pytest.raises(SystemExit):
         long_range_probe.parse_args(["--tasks", "needle"])
+
+
+@pytest.mark.parametrize("family", ["scrolls_ssm", "led"])
+def test_tiling_copies_the_trained_rows_over_the_rest_of_the_table(long_range_probe, tmp_path, family):
+    from transformers import AutoModelForSeq2SeqLM, LEDConfig, LEDForConditionalGeneration
+
+    from tests.conftest import tiny_model
+
+    if family == "led":
+        config = LEDConfig(
+            vocab_size=120, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, attention_window=8,
+            max_encoder_position_embeddings=40, max_decoder_position_embeddings=16,
+        )  # fmt: skip
+        model, name, offset = LEDForConditionalGeneration(config), "led.encoder.embed_positions.weight", 0
+    else:
+        model = tiny_model(max_source_positions=40)
+        name, offset = "model.encoder.embed_positions.weight", 2
+    model.save_pretrained(tmp_path)
+    before = model.state_dict()[name].clone()
+    long_range_probe.tile_learned_positions(tmp_path, period=12)
+    after = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).state_dict()[name]
+    assert after.shape == before.shape
+    torch.testing.assert_close(after[: offset + 12], before[: offset + 12], rtol=0, atol=0)  # trained rows kept
+    for position in (12, 23, 24, 39):
+        torch.testing.assert_close(after[offset + position], before[offset + position % 12], rtol=0, atol=0)

@@ -54,12 +54,12 @@ def test_the_needle_sits_at_its_depth(depth):
 def test_only_the_planted_facts_give_the_answer():
     for seed in range(20):
         text, answer = probe_example("single_needle", 500, 40, random.Random(seed))
-        assert text.count(answer) == 1 and text.count("special magic word") == 2  # question + needle
+        assert text.count(answer) == 1 and text.count("special magic number") == 2  # question + needle
 
         text, answer = probe_example("multi_key_needle", 800, 40, random.Random(seed))
         question, document = text.split("\n\n", 1)
-        key = re.fullmatch(r"What is the special magic word for the (.+)\?", question).group(1)
-        needles = dict(re.findall(r"special magic word for the ([a-z ]+) is ([a-z]+) \.", document))
+        key = re.fullmatch(r"What is the special magic number for the (.+)\?", question).group(1)
+        needles = dict(re.findall(r"special magic number for the ([a-z ]+) is (\d+) \.", document))
         assert len(needles) == 4 and needles[key] == answer
 
         text, answer = probe_example("aggregation", 800, None, random.Random(seed))
@@ -74,8 +74,8 @@ def test_variable_tracking_answer_is_the_chain_of_the_asked_value():
     for seed in range(20):
         text, answer = probe_example("variable_tracking", 1000, 20, random.Random(seed))
         question, document = text.split("\n\n", 1)
-        value = re.fullmatch(r"Which variables are assigned the value ([a-z]+)\?", question).group(1)
-        assignments = re.findall(r"VAR ([A-Z]{5}) = (\w+) \.", document)
+        value = re.fullmatch(r"Which variables are assigned the value (\d+)\?", question).group(1)
+        assignments = re.findall(r"VAR (X\d{3}) = (\w+) \.", document)
         holds = {}
         for name, source in assignments:  # in document order: a copy always follows its source
             holds[name] = holds[source] if source in holds else source
@@ -119,15 +119,15 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         write_probe_dataset(tmp_path, tasks=["x"])
 
 
-def test_every_planted_word_is_in_the_probe_vocabulary():
+def test_planted_words_are_in_the_probe_vocabulary_and_values_and_names_are_digits():
     vocabulary = set(probe_vocabulary())
     for seed in range(20):
-        text, answer = probe_example("variable_tracking", 600, 50, random.Random(seed))
-        assert set(re.findall(r"VAR ([A-Z]{5}) =", text)) <= vocabulary and set(answer.split()) <= vocabulary
-        text, _ = probe_example("multi_key_needle", 600, 50, random.Random(seed))
-        for key, value in re.findall(r"word for the ([a-z]+ [a-z]+) is ([a-z]+) \.", text):
-            assert set(key.split()) | {value} <= vocabulary
-        text, _ = probe_example("variable_tracking", 600, 0, random.Random(seed))
-        assert set(re.findall(r"VAR [A-Z]{5} = ([a-z]+) \.", text)) <= vocabulary
+        text, answer = probe_example("multi_key_needle", 600, 50, random.Random(seed))
+        needles = re.findall(r"number for the ([a-z]+) ([a-z]+) is (\d{5}) \.", text)
+        assert len(needles) == 4 and {word for color, animal, _ in needles for word in (color, animal)} <= vocabulary
+        assert re.fullmatch(r"\d{5}", answer)
+        text, answer = probe_example("variable_tracking", 600, 0, random.Random(seed))
+        assert all(re.fullmatch(r"X\d{3}", name) for name in answer.split())
+        assert len(re.findall(r"VAR X\d{3} = \d{5} \.", text)) == 2  # the chain's value and the distractor's
         _, answer = probe_example("aggregation", 600, None, random.Random(seed))
         assert answer in vocabulary
