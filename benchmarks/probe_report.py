@@ -82,6 +82,7 @@ def write_heatmaps(rows: list[dict], out: Path, stem: str) -> list[Path]:
             axis.set_title(contender, fontsize=9)
             axis.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
             axis.set_yticks(range(len(depths)), [f"{d}%" if d != "all" else "all" for d in depths])
+            axis.tick_params(labelleft=axis is axes[0][0])  # depth labels once, on the left
             axis.set_xlabel("input tokens", fontsize=8)
         axes[0][0].set_ylabel("needle depth", fontsize=8)
         figure.colorbar(image, ax=axes[0].tolist(), label="exact match (%)")
