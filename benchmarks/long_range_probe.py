@@ -29,6 +29,8 @@ from pathlib import Path
 
 from probe_report import write_outputs
 
+from scrolls_ssm.probe import PROBE_TASKS
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "long_range"
 
@@ -37,7 +39,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results" / "long_range"
 class Setup:
     """What every contender shares: model width and depth, the data, and the training budget."""
 
-    tasks: tuple[str, ...] = ("single_needle", "multi_key_needle", "variable_tracking", "aggregation")
+    tasks: tuple[str, ...] = PROBE_TASKS
     d_model: int = 64
     encoder_layers: int = 4
     decoder_layers: int = 2  # one layer to read the question, one to find its fact
@@ -93,14 +95,14 @@ CONTENDERS = {
 }
 
 
-STATE_SPACE = {"s4d", "mamba2", "mamba", "gss-hybrid", "s4d-hybrid"}  # their first layer sees order: no position table
+# The state-space contenders and their mixer. Their first layer sees order, so they run without a position table.
+STATE_SPACE = {"s4d": "s4d", "mamba2": "mamba2", "mamba": "mamba", "gss-hybrid": "gss", "s4d-hybrid": "s4d"}
 
 
 def layout(contender: str, layers: int) -> list[str]:
-    kind = {"s4d": "s4d", "mamba2": "mamba2", "mamba": "mamba", "gss-hybrid": "gss", "s4d-hybrid": "s4d"}
     if contender.endswith("-hybrid"):
-        return [kind[contender]] * (layers - 1) + ["attention"]
-    return [kind.get(contender, "attention")] * layers
+        return [STATE_SPACE[contender]] * (layers - 1) + ["attention"]
+    return [STATE_SPACE.get(contender, "attention")] * layers
 
 
 def overrides(
@@ -198,7 +200,7 @@ def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
     """The shared tokenizer and the probe dataset, written once per setup (kept when the setup is unchanged)."""
     from transformers import AutoTokenizer
 
-    from scrolls_ssm.probe import PROBE_TASKS, probe_rows, probe_vocabulary, write_probe_dataset
+    from scrolls_ssm.probe import probe_rows, probe_vocabulary, write_probe_dataset
     from scrolls_ssm.synthetic import train_sentencepiece_tokenizer
 
     data_dir, tokenizer_dir, marker = out / "data", out / "tokenizer", out / "data" / "setup.json"
@@ -236,25 +238,20 @@ def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
 
 
 def tile_learned_positions(model_dir: Path, period: int) -> None:
-    """Copy the first `period` rows of the encoder's learned position table (the trained ones) over the rest of it,
-    in the saved weights of `model_dir` (ours: BART's table, rows offset by 2; LED: offset 0)."""
+    """Copy the first `period` positions of the encoder's learned table (the trained ones) over the rest of it, and
+    save the model back to `model_dir`. BART-style tables keep their unused leading rows (`offset`); LED has none."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSeq2SeqLM
 
     from scrolls_ssm.convert import tile_positions
 
-    path = model_dir / "model.safetensors"
-    weights = load_file(path)
-    names = [name for name in weights if name.endswith("encoder.embed_positions.weight")]
-    if len(names) != 1:
-        raise ValueError(f"{path}: expected one encoder position table, found {names}")
-    table = weights[names[0]]
-    offset = 0 if names[0].startswith("led.") else 2
-    rows = table[offset:]
-    weights[names[0]] = torch.cat([table[:offset], tile_positions(rows[:period], rows.shape[0])])
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(weights, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    table = model.get_encoder().embed_positions
+    offset = getattr(table, "offset", 0)
+    with torch.no_grad():
+        rows = table.weight[offset:]
+        rows.copy_(tile_positions(rows[:period].clone(), rows.shape[0]))
+    model.save_pretrained(model_dir)
 
 
 def _run(command: list[str], log: Path) -> str | None:
