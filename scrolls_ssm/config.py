@@ -102,6 +102,9 @@ class EvalConfig:
     # None: the task's default.
     max_new_tokens: int | None = None
     max_tokens_per_batch: int = 32768
+    # After training, also score the best model on the eval split with every input cut to its first N tokens, for each
+    # N listed: what it gains from reading further. The report adds a column per N; empty: off.
+    truncated_source_lengths: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -215,6 +218,7 @@ RANGES: dict[str, Range] = {
     "eval.num_beams": _POSITIVE,
     "eval.max_new_tokens": _POSITIVE,
     "eval.max_tokens_per_batch": _POSITIVE,
+    "eval.truncated_source_lengths": _POSITIVE,
 }
 
 
@@ -327,9 +331,11 @@ def _check(config: RunConfig) -> None:
     for dotted, valid in RANGES.items():
         section, name = dotted.split(".")
         value = getattr(getattr(config, section), name)
-        if value is not None and value not in valid:
-            finite = "" if math.isfinite(value) else "a finite number "
-            raise RunConfigError(f"{dotted}={value!r} is out of range: it must be {finite}{valid}.")
+        for item in value if isinstance(value, list) else [value]:  # a list's range holds for each entry
+            if item is not None and item not in valid:
+                finite = "" if math.isfinite(item) else "a finite number "
+                subject = f"the entry {item!r}" if isinstance(value, list) else "it"
+                raise RunConfigError(f"{dotted}={value!r} is out of range: {subject} must be {finite}{valid}.")
     if config.train.num_epochs < 1 and config.train.max_steps is None:
         raise RunConfigError(f"train.num_epochs={config.train.num_epochs} must be >= 1 (or set train.max_steps).")
     if not config.data.tasks:

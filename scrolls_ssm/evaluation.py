@@ -147,3 +147,8 @@ def generate_predictions(
 def score(eval_set: EvalSet, predictions: dict[str, str]) -> dict:
     """The official SCROLLS metric of `predictions` against the split's references."""
     return compute_scrolls_metrics(eval_set.task, predictions, eval_set.references)
+
+
+def truncated_split_name(split: str, length: int) -> str:
+    """The metrics.json key (and predictions folder) of a split scored with inputs cut to `length` tokens."""
+    return f"{split}_first_{length}_tokens"

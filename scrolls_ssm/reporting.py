@@ -9,6 +9,7 @@ from pathlib import Path
 from accelerate.tracking import GeneralTracker
 
 from .config import RunConfig
+from .evaluation import truncated_split_name
 from .submission import build_submission_csv, write_text_atomic
 
 
@@ -99,8 +100,13 @@ def write_outputs(out: Path, cfg: RunConfig, results: dict, evaluations: list[di
     write_text_atomic(out / "report.md", render_report(cfg, results, baselines, evaluations))
 
 
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def render_report(cfg: RunConfig, results: dict, baselines: dict, evaluations: list[dict]) -> str:
     split = cfg.data.eval_split
+    truncated = cfg.eval.truncated_source_lengths
     lines = [
         f"# Run report: {cfg.recipe}",
         "",
@@ -112,19 +118,28 @@ def render_report(cfg: RunConfig, results: dict, baselines: dict, evaluations: l
         "",
         f"## Scores on the {split} split (official SCROLLS metrics)",
         "",
-        "| task | metric | model | naive baseline |",
-        "|---|---|---|---|",
+        "| task | metric | model |"
+        + "".join(f" model, first {n:,} tokens |" for n in truncated)
+        + " naive baseline |",
+        "|---|---|---|" + "---|" * len(truncated) + "---|",
     ]
     for task in cfg.data.tasks:
         metrics = results.get(task, {}).get(split)
         if not metrics:
             continue
-        baseline = baselines.get(task, {})
+        columns = [results[task].get(truncated_split_name(split, n), {}) for n in truncated]
+        columns.append(baselines.get(task, {}))
         for key, value in metrics.items():
             if key in ("num_predicted", "mean_prediction_length_characters") or value is None:
                 continue
-            naive = baseline.get(key)
-            lines.append(f"| {task} | {key} | {value:.2f} | {'n/a' if naive is None else f'{naive:.2f}'} |")
+            others = "".join(f" {_cell(column.get(key))} |" for column in columns)
+            lines.append(f"| {task} | {key} | {value:.2f} |{others}")
+    if truncated:
+        lines += [
+            "",
+            f'The "first N tokens" columns score the same model with every {split} input cut to its first N tokens: '
+            "what it gains from reading the rest.",
+        ]
     lines += [
         "",
         "The naive baseline always predicts the most frequent training answer (see `scrolls_ssm.synthetic`).",

@@ -8,9 +8,10 @@ official scorer apply unchanged:
   from the title, and the finding stated in the last section, thousands of tokens later.
 * `qasper` (F1): "What is the code name of the <entity> project?" + "\\n\\n" + a document in which that project's
   code name is planted once, among other projects' code names (distractors), far from the question.
-* `contract_nli` (exact match): a hypothesis "The Receiving Party may <action>." + "\\n\\n" + a contract holding
-  a few permission / prohibition clauses; the label (Entailment / Contradiction / Not mentioned) is decided by the
-  clause on the hypothesis' action, or by its absence.
+* `contract_nli` (exact match): a hypothesis "The Receiving Party is allowed to <action>." + "\\n\\n" + a
+  contract holding a few permission / prohibition clauses; the label (Entailment / Contradiction / Not mentioned) is
+  decided by the statement on the hypothesis' action: "may", "shall not", or a wording that neither permits nor
+  forbids.
 
 Every answer is planted past the first quarter of its document and competes with distractors of the same form, so a
 model must read far and match the query against the right fact; everything else is filler drawn from a modest
@@ -150,6 +151,8 @@ _ACTIONS = (
     "combine the information with public data",
 )
 _PARTY = "The Receiving Party"
+# "Not mentioned": the contract speaks of the action but neither permits nor forbids it.
+_NON_BINDING = ("discussed whether to", "was asked whether it would", "has not decided whether to")
 
 
 # --- filler ---------------------------------------------------------------------------------------------------------
@@ -206,7 +209,9 @@ def _paragraphs(sentences: Sequence[str], rng: random.Random) -> str:
 # --- the three tasks ------------------------------------------------------------------------------------------------
 
 
-def _gov_report_example(rng: random.Random, doc_words: int, num_distractors: int, mentions: int) -> tuple[str, str]:
+def _gov_report_example(
+    rng: random.Random, doc_words: int, num_distractors: int, mentions: int, plant_after: float
+) -> tuple[str, str]:
     """A report of several sections; agency in section 1, finding in the last, distractor findings in between.
     With `mentions` > 1 the agency is named again in later sections and the finding restated in the last one."""
     agency, *other_agencies = rng.sample(_AGENCIES, 1 + num_distractors)
@@ -224,13 +229,15 @@ def _gov_report_example(rng: random.Random, doc_words: int, num_distractors: int
     ]
     for fact in middle:
         _plant(rng, sections[rng.randint(1, num_sections - 2)], [fact], 0.0)
-    _plant(rng, sections[-1], [f"In conclusion, the review finds that {finding}."] * mentions, 0.3)
+    _plant(rng, sections[-1], [f"In conclusion, the review finds that {finding}."] * mentions, max(plant_after, 0.3))
     body = "\n".join(f"Section {index + 1}.\n{_paragraphs(section, rng)}" for index, section in enumerate(sections))
     title = f"A review of {topic}."
     return f"{title}\n{body}", f"The {agency} report on {topic} finds that {finding}."
 
 
-def _qasper_example(rng: random.Random, doc_words: int, num_distractors: int, mentions: int) -> tuple[str, str]:
+def _qasper_example(
+    rng: random.Random, doc_words: int, num_distractors: int, mentions: int, plant_after: float
+) -> tuple[str, str]:
     """One project's code name planted among `num_distractors` other projects' code names, each stated
     `mentions` times."""
     entities = rng.sample(_ENTITIES, 1 + num_distractors)
@@ -240,32 +247,41 @@ def _qasper_example(rng: random.Random, doc_words: int, num_distractors: int, me
         for entity, code in zip(entities, code_names, strict=True)
     ]
     sentences = _filler(rng, doc_words)
-    _plant(rng, sentences, facts * mentions, 0.25)
+    _plant(rng, sentences, facts * mentions, plant_after)
     question = f"What is the code name of the {entities[0]} project?"
     return f"{question}\n\n{_paragraphs(sentences, rng)}", code_names[0]
 
 
 def _contract_nli_example(
-    rng: random.Random, doc_words: int, num_distractors: int, mentions: int, label: str
+    rng: random.Random, doc_words: int, num_distractors: int, mentions: int, plant_after: float, label: str
 ) -> tuple[str, str]:
-    """A contract with 1 + `num_distractors` clauses on distinct actions, each stated `mentions` times; `label`
-    decides whether one of them is on the hypothesis' action and with which modal. The clause count is the same for
-    every label, so it leaks nothing."""
-    hypothesis_action, unrelated_action, *other_actions = rng.sample(_ACTIONS, 2 + num_distractors)
-    key_action = unrelated_action if label == "Not mentioned" else hypothesis_action
-    key_modal = {"Entailment": "may", "Contradiction": "shall not"}.get(label, rng.choice(("may", "shall not")))
-    clauses = [f"{_PARTY} {key_modal} {key_action}."]
+    """A contract with one statement on the hypothesis' action and `num_distractors` clauses on other actions, each
+    stated `mentions` times. `label` decides the statement: a permission ("may": Entailment), a prohibition
+    ("shall not": Contradiction), or a mention that neither permits nor forbids ("Not mentioned", as in ContractNLI:
+    neither entailed nor contradicted). Every label has the same statement count and the action in the same place,
+    so only the statement's wording gives the label; with distractors, only the one on the hypothesis' action. The
+    hypothesis is worded unlike every statement, so none of them repeats it."""
+    hypothesis_action, *other_actions = rng.sample(_ACTIONS, 1 + num_distractors)
+    wording = {"Entailment": "may", "Contradiction": "shall not"}.get(label) or rng.choice(_NON_BINDING)
+    clauses = [f"{_PARTY} {wording} {hypothesis_action}."]
     clauses += [f"{_PARTY} {rng.choice(('may', 'shall not'))} {action}." for action in other_actions]
     sentences = _filler(rng, doc_words)
-    _plant(rng, sentences, clauses * mentions, 0.25)
+    _plant(rng, sentences, clauses * mentions, plant_after)
     body = _paragraphs(sentences, rng)
     numbered = "\n".join(f"{index + 1}. {line}" for index, line in enumerate(body.split("\n")))
-    hypothesis = f"{_PARTY} may {hypothesis_action}."
+    hypothesis = f"{_PARTY} is allowed to {hypothesis_action}."  # a paraphrase, as ContractNLI's hypotheses are
     return f"{hypothesis}\n\nNON-DISCLOSURE AGREEMENT\n{numbered}", label
 
 
 def _rows(
-    task: str, split: str, count: int, words: tuple[int, int], num_distractors: int, mentions: int, seed: int
+    task: str,
+    split: str,
+    count: int,
+    words: tuple[int, int],
+    num_distractors: int,
+    mentions: int,
+    plant_after: float,
+    seed: int,
 ) -> Iterator[dict]:
     """The rows of one split. Every row has its own generator, so a row never depends on how many rows are written
     (more training rows extend a split, other splits stay the same). contract_nli labels come in shuffled blocks of
@@ -274,13 +290,14 @@ def _rows(
         rng = random.Random(f"{seed}/{task}/{split}/{index}")
         length = round(math.exp(rng.uniform(math.log(words[0]), math.log(words[1]))))
         if task == "gov_report":
-            text, output = _gov_report_example(rng, length, num_distractors, mentions)
+            text, output = _gov_report_example(rng, length, num_distractors, mentions, plant_after)
         elif task == "qasper":
-            text, output = _qasper_example(rng, length, num_distractors, mentions)
+            text, output = _qasper_example(rng, length, num_distractors, mentions, plant_after)
         else:
             block = list(NLI_LABELS)
             random.Random(f"{seed}/{task}/{split}/labels/{index // len(block)}").shuffle(block)
-            text, output = _contract_nli_example(rng, length, num_distractors, mentions, block[index % len(block)])
+            label = block[index % len(block)]
+            text, output = _contract_nli_example(rng, length, num_distractors, mentions, plant_after, label)
         id_ = f"{task}-{split}-{index:05d}"
         yield {"id": id_, "pid": f"{id_}_0", "input": text, "output": None if split == "test" else output}
 
@@ -292,8 +309,10 @@ def write_synthetic_scrolls(
     num_test: int = 100,
     doc_words: int = 1500,
     min_train_doc_words: int | None = None,
+    max_train_doc_words: int | None = None,
     num_distractors: int = 2,
     mentions: int = 1,
+    plant_after: float = 0.25,
     tasks: Sequence[str] = SYNTHETIC_TASKS,
     seed: int = 0,
 ) -> Path:
@@ -304,25 +323,32 @@ def write_synthetic_scrolls(
     log-uniformly from this to 1.2 x doc_words instead (None: like the others). A model trained from scratch
     learns to find a fact far sooner in short documents, where attention to it is not diluted over thousands of
     positions, and carries that over to long ones; the long training documents train the far positions.
+    max_train_doc_words: the longest training document (None: 1.2 x doc_words). Below doc_words, a model is trained
+    on short documents only and evaluated on longer ones: what an encoder without a position table can do.
     num_distractors: facts of the same form as the answer's (other projects' code names, other agencies' findings,
     clauses on other actions), which a model must tell apart from the queried one. mentions: how often each fact
     is stated (all of them far from the query, past the first quarter of the document; the finding in the last
     section): a fact stated once is a single needle whose gradient, through untrained attention, is diluted over
-    thousands of positions; a few restatements let a small model learn to find facts within minutes. Test rows
-    have `output: null`, as in SCROLLS.
+    thousands of positions; a few restatements let a small model learn to find facts within minutes.
+    plant_after: the fraction of a document before which no queried fact is stated (the gov_report finding: of its
+    last section, at least 0.3). With 0.3 and 4,000-token documents, a model reading only the first 1,024 tokens
+    sees none of the QA and NLI facts. Test rows have `output: null`, as in SCROLLS.
     """
     if mentions < 1:
         raise ValueError(f"mentions={mentions}: each fact must be stated at least once.")
     unknown = [task for task in tasks if task not in SYNTHETIC_TASKS]
     if unknown:
         raise ValueError(f"no synthetic version of task(s) {unknown}; synthetic tasks: {', '.join(SYNTHETIC_TASKS)}.")
-    shortest = min(doc_words, min_train_doc_words or doc_words)
+    if not 0 <= plant_after < 1:
+        raise ValueError(f"plant_after={plant_after} must be a fraction of the document in [0, 1).")
+    longest_train = max_train_doc_words or doc_words * 6 // 5
+    shortest = min(doc_words, min_train_doc_words or doc_words, longest_train)
     if shortest < 50:
         raise ValueError(
-            f"doc_words={doc_words}, min_train_doc_words={min_train_doc_words}: documents need at least 50 words "
-            "to hide facts in."
+            f"doc_words={doc_words}, min_train_doc_words={min_train_doc_words}, max_train_doc_words="
+            f"{max_train_doc_words}: documents need at least 50 words to hide facts in."
         )
-    limits = {"gov_report": len(_AGENCIES) - 1, "qasper": len(_CODE_NAMES) - 1, "contract_nli": len(_ACTIONS) - 2}
+    limits = {"gov_report": len(_AGENCIES) - 1, "qasper": len(_CODE_NAMES) - 1, "contract_nli": len(_ACTIONS) - 1}
     if not 0 <= num_distractors <= min(limits[task] for task in tasks):
         raise ValueError(
             f"num_distractors={num_distractors} must be between 0 and {min(limits[task] for task in tasks)} "
@@ -333,12 +359,14 @@ def write_synthetic_scrolls(
     for task in tasks:
         (out / task).mkdir(parents=True, exist_ok=True)
         for split, count in sizes.items():
-            low = min_train_doc_words if split == "train" and min_train_doc_words is not None else doc_words * 4 // 5
-            words = (low, doc_words * 6 // 5)
+            if split == "train":
+                words = (min(min_train_doc_words or doc_words * 4 // 5, longest_train), longest_train)
+            else:
+                words = (doc_words * 4 // 5, doc_words * 6 // 5)
             path = out / task / f"{split}.jsonl"
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             with open(tmp, "w", encoding="utf-8") as handle:
-                for row in _rows(task, split, count, words, num_distractors, mentions, seed):
+                for row in _rows(task, split, count, words, num_distractors, mentions, plant_after, seed):
                     handle.write(json.dumps(row) + "\n")
             os.replace(tmp, path)  # a reader never sees a half-written split
     return out

@@ -35,7 +35,7 @@ from .build import build_model, build_optimizer, build_tokenizer, encoder_length
 from .checkpointing import RunState, kill_point, load_checkpoint, save_checkpoint, save_model
 from .config import RunConfig, RunConfigError
 from .data import get_task, group_references, load_scrolls
-from .evaluation import EvalSet, generate_predictions, score, validation_loss
+from .evaluation import EvalSet, generate_predictions, score, truncated_split_name, validation_loss
 from .preprocess import Seq2SeqCollator, TokenBudgetBatchSampler, sequence_lengths, tokenize_for_seq2seq
 from .reporting import JSONLTracker, write_outputs
 from .run_folder import RunFolderLock, prepare_run_folder, truncate_log
@@ -122,6 +122,10 @@ def _run(cfg: RunConfig, accelerator: Accelerator, out: Path, resume_candidates:
     # Final predictions and scores come from the best model.
     best = AutoModelForSeq2SeqLM.from_pretrained(out / "model").to(accelerator.device)
     results = _predict_and_score(cfg, accelerator, best, tokenizer, collator, eval_sets, predict_sets, out)
+    for length in cfg.eval.truncated_source_lengths:
+        truncated = _score_truncated(cfg, accelerator, best, tokenizer, collator, data_dir, source_limit, length, out)
+        for task, metrics in truncated.items():
+            results.setdefault(task, {}).update(metrics)
     if accelerator.is_main_process:
         kill_point("outputs-writing", state.global_step)
         write_outputs(out, cfg, results, state.evaluations, raw_train, {s.task: s.references for s in eval_sets})
@@ -293,15 +297,20 @@ def _tokenize_evaluation(cfg: RunConfig, tokenizer, data_dir, source_limit: int)
     """The evaluation sets (eval split) and prediction sets (other predict splits) of every task."""
     eval_sets, predict_sets = [], []
     for task in cfg.data.tasks:
-        max_new = cfg.eval.max_new_tokens or get_task(task).max_new_tokens
         for split in dict.fromkeys([cfg.data.eval_split, *cfg.data.predict_splits]):
-            rows = _load(cfg, task, split, data_dir)
-            grouped, references = group_references(rows)
-            loss_rows = _tokenize(cfg, tokenizer, rows, task, source_limit) if any(references.values()) else None
-            generation_rows = _tokenize(cfg, tokenizer, grouped, task, source_limit)
-            eval_set = EvalSet(task, split, loss_rows, generation_rows, references, max_new)
+            eval_set = _eval_set(cfg, tokenizer, data_dir, task, split, source_limit)
             (eval_sets if split == cfg.data.eval_split else predict_sets).append(eval_set)
     return eval_sets, predict_sets
+
+
+def _eval_set(cfg: RunConfig, tokenizer, data_dir, task: str, split: str, source_limit: int, loss: bool = True):
+    """One task's split, tokenized for generation (one row per id) and, with `loss` and references, for the loss."""
+    rows = _load(cfg, task, split, data_dir)
+    grouped, references = group_references(rows)
+    loss_rows = _tokenize(cfg, tokenizer, rows, task, source_limit) if loss and any(references.values()) else None
+    generation_rows = _tokenize(cfg, tokenizer, grouped, task, source_limit)
+    max_new = cfg.eval.max_new_tokens or get_task(task).max_new_tokens
+    return EvalSet(task, split, loss_rows, generation_rows, references, max_new)
 
 
 # --- evaluation during training ---------------------------------------------------------------------------------
@@ -359,6 +368,25 @@ def _predict_and_score(cfg, accelerator, model, tokenizer, collator, eval_sets, 
             entry[eval_set.split] = score(eval_set, predictions)
         if accelerator.is_main_process:
             path = out / "predictions" / eval_set.split / f"{eval_set.task}.json"
+            write_text_atomic(path, json.dumps(predictions, ensure_ascii=False, indent=1) + "\n")
+    return results
+
+
+def _score_truncated(cfg, accelerator, model, tokenizer, collator, data_dir, source_limit: int, length: int, out):
+    """The eval split scored again with every input cut to its first `length` tokens (eval.truncated_source_lengths):
+    what the model gains from reading past them. Returns {task: {"<split>_first_<length>_tokens": metrics}}."""
+    split, name = cfg.data.eval_split, truncated_split_name(cfg.data.eval_split, length)
+    results: dict = {}
+    for task in cfg.data.tasks:
+        eval_set = _eval_set(cfg, tokenizer, data_dir, task, split, min(length, source_limit), loss=False)
+        if not any(eval_set.references.values()):
+            continue
+        predictions = generate_predictions(
+            model, eval_set, tokenizer, accelerator, collator, cfg.eval.max_tokens_per_batch, cfg.eval.num_beams
+        )
+        results[task] = {name: score(eval_set, predictions)}
+        if accelerator.is_main_process:
+            path = out / "predictions" / name / f"{task}.json"
             write_text_atomic(path, json.dumps(predictions, ensure_ascii=False, indent=1) + "\n")
     return results
 

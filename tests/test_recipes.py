@@ -150,6 +150,10 @@ OUT_OF_RANGE = [
     ("eval.num_beams=0", "eval.num_beams=0 is out of range: it must be >= 1."),
     ("eval.max_new_tokens=0", "eval.max_new_tokens=0 is out of range: it must be >= 1."),
     ("eval.max_tokens_per_batch=0", "eval.max_tokens_per_batch=0 is out of range: it must be >= 1."),
+    (
+        "eval.truncated_source_lengths=[1024,0]",
+        "eval.truncated_source_lengths=[1024, 0] is out of range: the entry 0 must be >= 1.",
+    ),
 ]
 
 
@@ -166,7 +170,7 @@ def _numeric_keys() -> set[str]:
 
 
 def test_every_numeric_key_is_range_checked():
-    assert len(_numeric_keys()) == 28
+    assert len(_numeric_keys()) == 29
     assert set(RANGES) == _numeric_keys()
     assert {override.split("=")[0] for override, _ in OUT_OF_RANGE} == set(RANGES)
 

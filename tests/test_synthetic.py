@@ -42,7 +42,7 @@ def _oracle(task: str, text: str) -> str:
     if task == "qasper":
         entity = re.fullmatch(r"What is the code name of the (\w+) project\?", query).group(1)
         return re.search(rf"The {entity} project carries the code name (\w+)\.", document).group(1)
-    action = re.fullmatch(r"The Receiving Party may ([^.]+)\.", query).group(1)
+    action = re.fullmatch(r"The Receiving Party is allowed to ([^.]+)\.", query).group(1)
     clause = re.search(rf"The Receiving Party (may|shall not) {re.escape(action)}\.", document)
     if clause is None:
         return "Not mentioned"
@@ -85,7 +85,11 @@ def test_regex_oracle_scores_100(data_dir, task, tmp_path):
 @pytest.mark.parametrize("task", ["qasper", "contract_nli"])
 def test_answers_sit_far_from_the_query_among_distractors(data_dir, task, tmp_path):
     rows = _load(data_dir, task, "train", tmp_path)
-    fact = r"project carries the code name" if task == "qasper" else r"The Receiving Party (?:may|shall not)"
+    fact = (
+        r"project carries the code name"
+        if task == "qasper"
+        else r"The Receiving Party (?:may|shall not|[a-z ]+? whether)"
+    )
     for text in rows["input"]:
         document = text.partition("\n\n")[2]
         starts = [match.start() for match in re.finditer(fact, document)]
@@ -145,6 +149,36 @@ def test_short_training_documents_leave_evaluation_alone(tmp_path):
     assert (plain / "qasper" / "validation.jsonl").read_text() == (mixed / "qasper" / "validation.jsonl").read_text()
 
 
+def test_train_short_evaluate_long_and_facts_planted_late(tmp_path):
+    """max_train_doc_words caps the training documents only; plant_after keeps every queried fact past that fraction
+    of its document (the gov_report finding: of its last section)."""
+    out = write_synthetic_scrolls(
+        tmp_path / "late", 30, 6, 1, doc_words=600, min_train_doc_words=60, max_train_doc_words=120, plant_after=0.6
+    )
+    train_words = [len(text.split()) for text in _load(out, "qasper", "train", tmp_path)["input"]]
+    assert max(train_words) <= 120 + 40 and min(train_words) >= 60  # the question and the facts add some
+    assert min(len(text.split()) for text in _load(out, "qasper", "validation", tmp_path)["input"]) >= 480
+
+    def first_fact_after_the_first_60_percent(text: str, fact: str) -> bool:
+        """Whether the first sentence holding `fact` comes after the first int(0.6 n) of the n filler sentences."""
+        lines = [re.sub(r"^\d+\. ", "", line) for line in text.split("\n") if line.endswith(".")]  # no headers
+        sentences = [sentence for line in lines for sentence in re.split(r"(?<=\.) ", line)]
+        facts = [index for index, sentence in enumerate(sentences) if fact in sentence]
+        return facts[0] >= int(0.6 * (len(sentences) - len(facts)))
+
+    for split in ("train", "validation"):
+        for row in _load(out, "qasper", split, tmp_path):
+            assert first_fact_after_the_first_60_percent(row["input"].split("\n\n", 1)[1], "carries the code name")
+        for row in _load(out, "contract_nli", split, tmp_path):
+            assert first_fact_after_the_first_60_percent(row["input"].split("\n\n", 1)[1], "The Receiving Party")
+        for row in _load(out, "gov_report", split, tmp_path):
+            assert first_fact_after_the_first_60_percent(row["input"].rsplit("Section 5.", 1)[1], "In conclusion")
+    with pytest.raises(ValueError, match="plant_after=1"):
+        write_synthetic_scrolls(tmp_path / "bad", plant_after=1)
+    with pytest.raises(ValueError, match="max_train_doc_words=20"):
+        write_synthetic_scrolls(tmp_path / "bad", max_train_doc_words=20)
+
+
 def test_mentions_restate_each_fact_far_from_the_query(tmp_path):
     out = write_synthetic_scrolls(tmp_path / "m", 9, 3, 1, doc_words=400, num_distractors=1, mentions=3)
     for row in _load(out, "qasper", "train", tmp_path):
@@ -156,8 +190,13 @@ def test_mentions_restate_each_fact_far_from_the_query(tmp_path):
         assert len(facts) == 3 and min(facts) > len(document) // 5
         assert len(re.findall(r"carries the code name", document)) == 6  # the distractor project too
     for row in _load(out, "contract_nli", "train", tmp_path):
-        clauses = re.findall(r"The Receiving Party (?:may|shall not) [^.]+\.", row["input"].split("\n\n", 1)[1])
-        assert len(clauses) == 6 and all(clauses.count(clause) == 3 for clause in clauses)
+        hypothesis, contract = row["input"].split("\n\n", 1)
+        statements = re.findall(r"The Receiving Party (?:may|shall not|[a-z ]+ whether [a-z ]+) [^.]+\.", contract)
+        assert len(statements) == 6 and all(statements.count(statement) == 3 for statement in statements)
+        # Every label speaks of the hypothesis' action; "Not mentioned" in words that neither permit nor forbid.
+        action = hypothesis.removeprefix("The Receiving Party is allowed to ")
+        about = {statement for statement in statements if statement.endswith(action)}
+        assert len(about) == 1 and (" whether " in about.pop()) == (row["output"] == "Not mentioned")
     for row in _load(out, "gov_report", "train", tmp_path):
         agency = re.match(r"The (.+) report on", row["output"]).group(1)
         assert row["input"].count(agency) == 3  # "prepared by the ..." + two "The ... reviewed this section."

@@ -255,6 +255,34 @@ def test_evaluate_command_reproduces_the_runs_metrics(setup, tmp_path, capsys):
     assert not all(torch.equal(scored[k], trained[k]) for k in scored)
 
 
+def test_truncated_source_lengths_score_the_best_model_on_cut_inputs(setup, tmp_path):
+    """eval.truncated_source_lengths scores the run's best model again on inputs cut to N tokens: the same figures as
+    evaluating that model with data.max_source_length=N, in metrics.json, the predictions and the report."""
+    from scrolls_ssm.cli import main
+
+    base, data, root = setup
+    run = tmp_path / "run"
+    cfg = load_run_config(
+        None, overrides(base, data, run, "train.max_steps=3", "eval.truncated_source_lengths=[8,4096]")
+    )
+    results = train(cfg)["contract_nli"]
+    evaluated = tmp_path / "evaluated"
+    common = ["--output-dir", str(evaluated), f"data.data_dir={data}", "data.tasks=[contract_nli]"]
+    assert main(["evaluate", "--model", str(run / "model"), *common, "data.max_source_length=8"]) == 0
+    cut = json.loads((evaluated / "metrics.json").read_text())["contract_nli"]["validation"]
+    assert results["validation_first_8_tokens"] == cut
+    cut_predictions = json.loads((evaluated / "predictions" / "validation" / "contract_nli.json").read_text())
+    saved = run / "predictions" / "validation_first_8_tokens" / "contract_nli.json"
+    assert json.loads(saved.read_text()) == cut_predictions
+    # A limit past the encoder's 96 positions reads what the plain evaluation reads.
+    assert results["validation_first_4096_tokens"] == results["validation"]
+    assert json.loads((run / "metrics.json").read_text())["contract_nli"] == results
+    report = (run / "report.md").read_text()
+    assert "| task | metric | model | model, first 8 tokens | model, first 4,096 tokens | naive baseline |" in report
+    exact = [results[key]["exact_match"] for key in ("validation", "validation_first_8_tokens")]
+    assert f"| contract_nli | exact_match | {exact[0]:.2f} | {exact[1]:.2f} | {exact[0]:.2f} |" in report
+
+
 def test_synthetic_data_is_rewritten_when_its_settings_change(tmp_path):
     from scrolls_ssm.train import _materialize_data
 
