@@ -115,7 +115,8 @@ def overrides(
     evaluate_from: Path | None = None,
 ) -> list[str]:
     """The run_finetune.py overrides of one contender: everything but the encoder layout is shared. `predict=False`
-    only trains; `evaluate_from` only predicts, with the model saved in that folder (no training step)."""
+    only trains; `evaluate_from` only predicts, with the model saved in that folder (no training step). A state-space
+    contender's run also scores its model reading only the first `truncate` tokens (`reads_first`)."""
     limit = max(setup.eval_lengths + setup.train_lengths) + 16  # room for <s> / </s>, a multiple of 8
     if contender == "truncated":
         limit = setup.truncate
@@ -170,7 +171,17 @@ def overrides(
         f"train.seed={setup.seed}",
         "eval.max_new_tokens=32",
         f"eval.max_tokens_per_batch={2 * max(setup.eval_lengths)}",
+        *([f"eval.truncated_source_lengths=[{setup.truncate}]"] if predict and reads_first(contender, setup) else []),
     ]
+
+
+def reads_first(contender: str, setup: Setup) -> str | None:
+    """The name of the companion rows that score a state-space contender's model on the first `setup.truncate`
+    tokens of every input (the same model, cut as the SCROLLS BART baseline is cut), or None. Needles past that
+    token are out of its reach: this shows what the whole input is worth to a model that learned the task."""
+    if contender in STATE_SPACE and setup.truncate < max(setup.eval_lengths):
+        return f"{contender} (first {setup.truncate})"
+    return None
 
 
 def write_led(setup: Setup, config: dict, limit: int, tokenizer_dir: Path, folder: Path) -> Path:
@@ -270,6 +281,7 @@ def run_contender(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: P
     """Train and evaluate one contender in its own process; one CSV row per (task, length, depth) cell.
     Learned-position contenders train, have their position table tiled (`Setup.tile_positions`), then evaluate."""
     from scrolls_ssm.data import group_references, load_scrolls
+    from scrolls_ssm.evaluation import truncated_split_name
     from scrolls_ssm.probe import PROBE_SCROLLS_TASK, probe_scores
 
     run_dir = out / "runs" / contender
@@ -292,24 +304,28 @@ def run_contender(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: P
     seconds = time.monotonic() - started
     if error is not None:
         return [{"contender": contender, "status": "error", "note": error, "seconds": round(seconds)}]
-    predictions = json.loads(
-        (predictions_dir / "predictions" / "validation" / f"{PROBE_SCROLLS_TASK}.json").read_text()
-    )
     _, references = group_references(load_scrolls(PROBE_SCROLLS_TASK, "validation", data_files=str(data_dir)))
-    return [
-        {
-            "contender": contender,
-            "task": task,
-            "length": length,
-            "depth": "all" if depth is None else depth,
-            "exact_match": round(score, 2),
-            "rows": setup.eval_rows_per_cell,
-            "status": "ok",
-            "seconds": round(seconds),
-            "steps": setup.steps,
-        }
-        for (task, length, depth), score in probe_scores(predictions, references).items()
-    ]
+    splits = {contender: "validation"}
+    if reads_first(contender, setup):
+        splits[reads_first(contender, setup)] = truncated_split_name("validation", setup.truncate)
+    rows = []
+    for name, split in splits.items():
+        predictions = json.loads((predictions_dir / "predictions" / split / f"{PROBE_SCROLLS_TASK}.json").read_text())
+        rows += [
+            {
+                "contender": name,
+                "task": task,
+                "length": length,
+                "depth": "all" if depth is None else depth,
+                "exact_match": round(score, 2),
+                "rows": setup.eval_rows_per_cell,
+                "status": "ok",
+                "seconds": round(seconds),
+                "steps": setup.steps,
+            }
+            for (task, length, depth), score in probe_scores(predictions, references).items()
+        ]
+    return rows
 
 
 def naive_rows(setup: Setup, data_dir: Path) -> list[dict]:

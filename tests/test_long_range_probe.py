@@ -23,9 +23,14 @@ def test_quick_sweep_scores_every_cell_and_resumes(long_range_probe, tmp_path, c
         rows = list(csv.DictReader(handle))
     setup = long_range_probe.QUICK
     expected = 3 * len(setup.eval_lengths) * len(setup.depths) + len(setup.eval_lengths)  # aggregation: no depths
-    for contender in ("s4d", "truncated"):  # truncated: trained, positions tiled, then evaluated in a second run
+    # truncated: trained, positions tiled, then evaluated in a second run; "s4d (first 384)": the s4d model reading
+    # only the first `truncate` tokens of every input, scored in the s4d run.
+    for contender in ("s4d", "truncated", "s4d (first 384)"):
         cells = [row for row in rows if row["contender"] == contender]
         assert len(cells) == expected and all(row["status"] == "ok" for row in cells), rows
+    cut = tmp_path / "runs" / "s4d" / "predictions" / "validation_first_384_tokens" / "quality.json"
+    full = tmp_path / "runs" / "s4d" / "predictions" / "validation" / "quality.json"
+    assert json.loads(cut.read_text()).keys() == json.loads(full.read_text()).keys()
     assert (tmp_path / "runs" / "truncated" / "tiled" / "predictions").is_dir()
     trained_on = tmp_path / "runs" / "truncated" / "predictions" / "validation" / "quality.json"
     assert len(json.loads(trained_on.read_text())) == 8  # the training-only run scores 8 rows, nothing more
@@ -52,6 +57,8 @@ def test_state_space_contenders_run_without_a_position_table(long_range_probe, t
         config = json.loads(next(arg for arg in args if arg.startswith("model.config=")).split("=", 1)[1])
         expected = "learned" if contender.endswith("attention") else "none"
         assert config["encoder_positions"] == expected, contender
+        # ... and the state-space ones are also scored reading only the first `truncate` tokens.
+        assert ("eval.truncated_source_lengths=[384]" in args) == (expected == "none"), contender
 
 
 def test_command_line_narrows_the_setup(long_range_probe):
