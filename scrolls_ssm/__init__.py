@@ -16,6 +16,7 @@ from .modeling.modeling_scrolls_ssm import (
     ScrollsSSMPreTrainedModel,
 )
 from .optim import optimizer_cls_and_kwargs, ssm_param_groups
+from .transfer import attention_teacher, transfer_attention
 
 __version__ = "0.1.0"
 
@@ -36,8 +37,10 @@ __all__ = [
     "ScrollsSSMForConditionalGeneration",
     "ScrollsSSMModel",
     "ScrollsSSMPreTrainedModel",
+    "attention_teacher",
     "load_tokenizer",
     "optimizer_cls_and_kwargs",
     "ssm_param_groups",
     "swap_encoder",
+    "transfer_attention",
 ]

@@ -1,0 +1,201 @@
+"""Layer-wise attention transfer: teach every swapped mixer what the pretrained attention layer it replaced did.
+
+`swap_encoder` keeps a checkpoint's embeddings, FFNs, norms and decoder, but each new mixer starts from its own random
+initialization, so the encoder forgets what its attention layers knew. `transfer_attention` trains every new mixer,
+all layers in one pass, to reproduce the output of the attention sublayer it replaced, on the hidden states that enter
+that layer in the original model (the attention-transfer stage of LoLCATs, Zhang et al. 2024, for encoders). Only
+mixer parameters change; everything `swap_encoder` kept stays bit for bit.
+
+The teacher is the original model as a `ScrollsSSMForConditionalGeneration` with every layer `attention`: its own
+query / key / value / output weights, positions tiled up to the student's limit (as LED was made from BART), so it
+runs at the student's training length. `attention_window` makes it block-local where full attention does not fit.
+
+Per layer, the loss is the relative squared error over real (non-padding) positions,
+`sum |student - teacher|^2 / sum |teacher|^2`: 1.0 is what an all-zero output scores, 0.0 a perfect copy, and every
+layer weighs the same whatever the scale of its attention output.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .convert import swap_encoder
+from .modeling.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
+
+
+def attention_teacher(
+    base: PreTrainedModel | str | os.PathLike,
+    student: ScrollsSSMForConditionalGeneration,
+    attention_window: int | None = None,
+) -> ScrollsSSMForConditionalGeneration:
+    """The original checkpoint `base` (BART or LED, a model or a path / Hub id) with every encoder layer `attention`,
+    at the student's length limit, in eval mode and without gradients."""
+    layers = ["attention"] * student.config.encoder_layers
+    teacher = swap_encoder(
+        base, layers, max_source_positions=student.config.max_source_positions, attention_window=attention_window
+    )
+    return teacher.eval().requires_grad_(False)
+
+
+def swapped_layers(student: ScrollsSSMForConditionalGeneration) -> list[int]:
+    """The encoder layers whose mixer is not attention: the ones transfer trains."""
+    return [index for index, kind in enumerate(student.config.encoder_layer_types) if kind != "attention"]
+
+
+def relative_error(prediction: torch.Tensor, target: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """sum over real positions of |prediction - target|^2, divided by the same sum of |target|^2.
+    prediction, target: (batch, seq, d); attention_mask: (batch, seq), 1 = token."""
+    mask = attention_mask.to(target.dtype).unsqueeze(-1)
+    error = ((prediction - target) ** 2 * mask).sum()
+    return error / (target**2 * mask).sum().clamp_min(torch.finfo(target.dtype).tiny)
+
+
+def text_batches(
+    texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, max_length: int, max_tokens: int
+) -> list[dict[str, torch.Tensor]]:
+    """Unlabeled documents as encoder batches: tokenized (cut to `max_length` tokens), sorted by length and grouped
+    so that a batch holds at most `max_tokens` tokens, padding included."""
+    encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts if text.strip()]
+    encoded.sort(key=len)
+    if not encoded:
+        raise ValueError("transfer needs at least one non-empty document.")
+    batches, current = [], []
+    for ids in encoded:
+        if current and len(ids) * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(ids)
+    batches.append(current)
+    return [dict(tokenizer.pad({"input_ids": batch}, return_tensors="pt")) for batch in batches]
+
+
+class _Capture:
+    """Forward hooks on the teacher's mixers of the given layers: what went in and what came out, per layer."""
+
+    def __init__(self, teacher: ScrollsSSMForConditionalGeneration, layers: Sequence[int]):
+        self.records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        blocks = teacher.get_encoder().layers
+        self.handles = [blocks[index].mixer.register_forward_hook(self._hook(index)) for index in layers]
+
+    def _hook(self, index: int):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.records[index] = (inputs[0].detach(), output.detach())
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def _teacher_pass(teacher, capture: _Capture, batch: dict[str, torch.Tensor]) -> dict[int, tuple]:
+    capture.records.clear()
+    teacher.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return dict(capture.records)
+
+
+def layer_errors(
+    student: ScrollsSSMForConditionalGeneration,
+    teacher: ScrollsSSMForConditionalGeneration,
+    batches: Sequence[dict[str, torch.Tensor]],
+) -> dict[int, float]:
+    """Per swapped layer, the relative error of the student's mixer against the teacher's attention over `batches`
+    (token-weighted: the sums run over every real position of every batch)."""
+    layers = swapped_layers(student)
+    capture = _Capture(teacher, layers)
+    errors = dict.fromkeys(layers, 0.0)
+    norms = dict.fromkeys(layers, 0.0)
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                device_batch = {key: value.to(student.device) for key, value in batch.items()}
+                for index, (hidden, target) in _teacher_pass(teacher, capture, device_batch).items():
+                    mask = device_batch["attention_mask"].to(target.dtype).unsqueeze(-1)
+                    prediction = student.get_encoder().layers[index].mixer(hidden, device_batch["attention_mask"])
+                    errors[index] += float(((prediction - target) ** 2 * mask).sum())
+                    norms[index] += float((target**2 * mask).sum())
+    finally:
+        capture.remove()
+        student.train(was_training)
+    return {index: errors[index] / max(norms[index], torch.finfo(torch.float32).tiny) for index in layers}
+
+
+def transfer_attention(
+    student: ScrollsSSMForConditionalGeneration,
+    teacher: ScrollsSSMForConditionalGeneration,
+    batches: Sequence[dict[str, torch.Tensor]],
+    steps: int,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train the student's swapped mixers, all layers in one pass, to reproduce the teacher's attention outputs.
+
+    Args:
+        student: the swapped model (e.g. from `swap_encoder`); only the mixers of its non-attention layers train.
+        teacher: the original model with every layer attention, e.g. `attention_teacher(base, student)`.
+        batches: encoder batches (`input_ids`, `attention_mask`), e.g. `text_batches(documents, tokenizer, ...)`:
+            the user's unlabeled documents, such as a task's training inputs. They are cycled in a shuffled order.
+        steps: optimizer steps. learning_rate, weight_decay, max_grad_norm: AdamW and clipping.
+
+    Returns the log: one `{"step", "loss", "layer_<i>"}` record per step (relative errors, see the module doc). The
+    student is left in training mode with the transferred mixers; nothing else in it changes.
+    """
+    layers = swapped_layers(student)
+    if not layers:
+        raise ValueError(
+            "the student has no swapped layer to transfer: every entry of encoder_layer_types is 'attention'."
+        )
+    if steps < 1:
+        raise ValueError(f"steps={steps}: transfer needs at least one optimizer step.")
+    if not batches:
+        raise ValueError("transfer needs at least one batch of documents.")
+    blocks = student.get_encoder().layers
+    parameters = [param for index in layers for param in blocks[index].mixer.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    order = _cycle(len(batches), generator)
+    capture = _Capture(teacher, layers)
+    student.train()
+    log: list[dict[str, float]] = []
+    try:
+        for step in tqdm(range(1, steps + 1), desc="attention transfer", disable=not progress):
+            batch = {key: value.to(student.device) for key, value in batches[next(order)].items()}
+            records = _teacher_pass(teacher, capture, batch)
+            record: dict[str, float] = {"step": step}
+            total = 0.0
+            for index, (hidden, target) in records.items():
+                error = relative_error(
+                    blocks[index].mixer(hidden, batch["attention_mask"]), target, batch["attention_mask"]
+                )
+                record[f"layer_{index}"] = float(error.detach())
+                total = total + error
+            loss = total / len(layers)
+            loss.backward()
+            if max_grad_norm:
+                nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            record["loss"] = float(loss.detach())
+            log.append(record)
+    finally:
+        capture.remove()
+    return log
+
+
+def _cycle(count: int, generator: torch.Generator) -> Iterator[int]:
+    """Batch indices forever: every batch once per round, each round in a new shuffled order."""
+    for _ in itertools.count():
+        yield from torch.randperm(count, generator=generator).tolist()
