@@ -12,6 +12,8 @@ a bug and keeps its traceback. `run_finetune.py` is the `train` subcommand on it
     scrolls-ssm evaluate --model runs/qasper/model --recipe recipes/qasper.yaml
     scrolls-ssm predict --model runs/qasper/model --recipe recipes/qasper.yaml --split test
     scrolls-ssm push --model-dir runs/qasper/model --repo-id me/bart-base-s4d-qasper
+    scrolls-ssm convert --base facebook/bart-base --layers s4d,s4d,s4d,s4d,s4d,attention --out bart-base-s4d \\
+        --transfer-data qasper/train.jsonl --transfer-steps 2000
 """
 
 from __future__ import annotations
@@ -148,6 +150,65 @@ def _run_push(args: argparse.Namespace) -> int:
     return run_push(args)
 
 
+def _run_convert(args: argparse.Namespace) -> int:
+    """Swap a BART / LED checkpoint's encoder and, with --transfer-data, transfer its attention into the new mixers."""
+    import shutil
+
+    import torch
+
+    from scrolls_ssm.convert import swap_encoder
+    from scrolls_ssm.modeling import MIXER_KINDS
+    from scrolls_ssm.transfer import attention_teacher, layer_errors, read_documents, text_batches, transfer_attention
+
+    layers = [kind.strip() for kind in args.layers.split(",")]
+    unknown = [kind for kind in layers if kind not in MIXER_KINDS]
+    if unknown:
+        raise CommandLineError(
+            f"--layers {args.layers}: unknown mixer kind(s) {unknown}. Fix: one of {', '.join(MIXER_KINDS)} per "
+            "encoder layer, comma-separated, e.g. --layers s4d,s4d,s4d,s4d,s4d,attention."
+        )
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CommandLineError(f"--out {out}: the folder is not empty. Fix: another --out, or --overwrite.")
+    documents = read_documents(args.transfer_data) if args.transfer_data else None
+    torch.manual_seed(args.seed)  # the new mixers' initialization
+    overrides = {"encoder_positions": args.encoder_positions}
+    model, tokenizer = swap_encoder(
+        args.base, layers, max_source_positions=args.max_source_positions, return_tokenizer=True, **overrides
+    )
+    report = {"base": args.base, "layers": layers, "max_source_positions": args.max_source_positions}
+    if documents is not None:
+        teacher = attention_teacher(args.base, model, attention_window=args.teacher_window)
+        max_length = args.transfer_max_length or args.max_source_positions
+        batches = text_batches(documents, tokenizer, max_length, args.transfer_tokens_per_batch)
+        probe = batches[: args.report_batches]
+        before = layer_errors(model, teacher, probe)
+        log = transfer_attention(
+            model, teacher, batches, args.transfer_steps, learning_rate=args.transfer_lr, seed=args.seed
+        )
+        after = layer_errors(model, teacher, probe)
+        report["transfer"] = {
+            "documents": len(documents),
+            "steps": args.transfer_steps,
+            "learning_rate": args.transfer_lr,
+            "relative_error_before": before,
+            "relative_error_after": after,
+            "log": log,
+        }
+        for index in before:
+            print(f"layer {index} ({layers[index]}): relative error {before[index]:.4f} -> {after[index]:.4f}")
+    staging = out.with_name(f".{out.name}.converting")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    write_text_atomic(staging / "conversion.json", json.dumps(report, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)  # the folder appears whole or not at all
+    print(f"wrote {out} (fine-tune it with model.init_from={out})")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     """argparse type for counts: an int >= 1 (argparse reports the option and the value on failure)."""
     try:
@@ -246,6 +307,39 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--output-dir", default=None, help="where outputs go (default: beside the model)")
         _add_run_arguments(sub)
         sub.set_defaults(func=_run_evaluate)
+
+    convert = commands.add_parser(
+        "convert",
+        help="swap a BART / LED checkpoint's encoder, optionally transferring its attention into the new mixers",
+        description="Swap the encoder of a BART / LED checkpoint layer by layer and save it; with --transfer-data, "
+        "first train every new mixer to reproduce the attention layer it replaces (docs/transfer.md).",
+    )
+    convert.add_argument("--base", required=True, help="a BART / LED checkpoint: local folder or Hub id")
+    convert.add_argument("--layers", required=True, help="one mixer kind per encoder layer, e.g. s4d,s4d,attention")
+    convert.add_argument("--out", required=True, help="the folder to write (model, tokenizer, conversion.json)")
+    convert.add_argument("--max-source-positions", type=_positive_int, default=16384, help="encoder length limit")
+    convert.add_argument(
+        "--encoder-positions",
+        choices=["learned", "none"],
+        default="learned",
+        help="keep the learned position table (tiled) or drop it (state-space layouts; see docs/architecture.md)",
+    )
+    convert.add_argument("--transfer-data", nargs="+", help="SCROLLS .jsonl files (their inputs) or text files")
+    convert.add_argument("--transfer-steps", type=_positive_int, default=1000, help="optimizer steps of transfer")
+    convert.add_argument("--transfer-lr", type=float, default=1e-3, help="learning rate of transfer")
+    convert.add_argument(
+        "--transfer-max-length", type=_positive_int, default=None, help="tokens per document (default: the limit)"
+    )
+    convert.add_argument("--transfer-tokens-per-batch", type=_positive_int, default=16384, help="batch token budget")
+    convert.add_argument(
+        "--teacher-window", type=_positive_int, default=None, help="block-local teacher attention (default: full)"
+    )
+    convert.add_argument(
+        "--report-batches", type=_positive_int, default=4, help="batches the before/after errors are measured on"
+    )
+    convert.add_argument("--seed", type=int, default=0, help="seed of the new mixers and of the batch order")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    convert.set_defaults(func=_run_convert)
 
     from scrolls_ssm.hub import add_push_arguments
 

@@ -18,8 +18,10 @@ layer weighs the same whatever the scale of its attention output.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,6 +57,32 @@ def relative_error(prediction: torch.Tensor, target: torch.Tensor, attention_mas
     mask = attention_mask.to(target.dtype).unsqueeze(-1)
     error = ((prediction - target) ** 2 * mask).sum()
     return error / (target**2 * mask).sum().clamp_min(torch.finfo(target.dtype).tiny)
+
+
+def read_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Unlabeled documents from files: every row's `input` of a SCROLLS-format `.jsonl` file (a task's training
+    inputs), or the whole text of any other file as one document."""
+    documents: list[str] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"transfer data {path}: no such file. Pass SCROLLS .jsonl files or text files.")
+        if path.suffix != ".jsonl":
+            documents.append(path.read_text(encoding="utf-8"))
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+            if not isinstance(row, dict) or not isinstance(row.get("input"), str):
+                raise ValueError(
+                    f"{path}, line {number}: no string field 'input'. Transfer reads SCROLLS rows "
+                    '({"id", "pid", "input", "output"}); pass plain text as a .txt file.'
+                )
+            documents.append(row["input"])
+    return documents
 
 
 def text_batches(

@@ -95,3 +95,55 @@ def test_bad_calls_say_what_is_wrong(base):
         transfer_attention(student, attention_teacher(base, student), batches, steps=0)
     with pytest.raises(ValueError, match="at least one non-empty document"):
         text_batches(["", "  "], tokenizer, max_length=64, max_tokens=256)
+
+
+def test_convert_command_swaps_transfers_and_saves_a_loadable_model(base, tmp_path, capsys):
+    """`scrolls-ssm convert` with SCROLLS .jsonl transfer data: the saved model loads with the Auto classes, keeps
+    BART's attention layer bit for bit, and its transferred mixer is closer to the attention than a plain swap's."""
+    import json
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    from scrolls_ssm.cli import main
+
+    data = tmp_path / "train.jsonl"
+    rows = [{"id": str(i), "pid": f"{i}_0", "input": text, "output": "x"} for i, text in enumerate(_documents(40, 4))]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["convert", "--base", str(base), "--layers", "s4d,attention", "--max-source-positions", "64"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    transfer = ["--transfer-data", str(data), "--transfer-steps", "150", "--transfer-lr", "5e-3"]
+    assert main([*common, *transfer, "--transfer-tokens-per-batch", "256", "--out", str(tmp_path / "moved")]) == 0
+    printed = capsys.readouterr().out
+    assert "layer 0 (s4d): relative error " in printed and f"wrote {tmp_path / 'moved'}" in printed
+
+    plain, moved = (AutoModelForSeq2SeqLM.from_pretrained(tmp_path / name) for name in ("plain", "moved"))
+    bart = BartForConditionalGeneration.from_pretrained(base)
+    torch.testing.assert_close(
+        moved.model.encoder.layers[1].mixer.q_proj.weight, bart.model.encoder.layers[1].self_attn.q_proj.weight
+    )
+    report = json.loads((tmp_path / "moved" / "conversion.json").read_text())["transfer"]
+    assert report["documents"] == 40 and len(report["log"]) == 150
+    assert report["relative_error_after"]["0"] < 0.6 < 1.0 < report["relative_error_before"]["0"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "moved")
+    batches = text_batches(_documents(8, seed=5), tokenizer, max_length=64, max_tokens=256)
+    teacher = attention_teacher(base, plain)
+    assert layer_errors(moved, teacher, batches)[0] < 0.5 * layer_errors(plain, teacher, batches)[0]
+
+
+def test_convert_command_errors_name_the_option_and_the_fix(base, tmp_path, capsys):
+    from scrolls_ssm.cli import main
+
+    common = ["convert", "--base", str(base), "--max-source-positions", "64"]
+    assert main([*common, "--layers", "s4d,atention", "--out", str(tmp_path / "a")]) == 2
+    assert "--layers s4d,atention: unknown mixer kind(s) ['atention']" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert main([*common, "--layers", "s4d,attention", "--out", str(tmp_path / "full")]) == 2
+    assert "the folder is not empty. Fix: another --out, or --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "fine"}\n{"text": "no input"}\n')
+    argv = [*common, "--layers", "s4d,attention", "--transfer-data", str(bad), "--out", str(tmp_path / "b")]
+    assert main(argv) == 2
+    assert f"{bad}, line 2: no string field 'input'" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
