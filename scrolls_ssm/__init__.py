@@ -16,7 +16,7 @@ from .modeling.modeling_scrolls_ssm import (
     ScrollsSSMPreTrainedModel,
 )
 from .optim import optimizer_cls_and_kwargs, ssm_param_groups
-from .transfer import attention_teacher, transfer_attention
+from .transfer import attention_teacher, reuse_attention_weights, transfer_attention
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "attention_teacher",
     "load_tokenizer",
     "optimizer_cls_and_kwargs",
+    "reuse_attention_weights",
     "ssm_param_groups",
     "swap_encoder",
     "transfer_attention",

@@ -158,7 +158,14 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     from scrolls_ssm.convert import swap_encoder
     from scrolls_ssm.modeling import MIXER_KINDS
-    from scrolls_ssm.transfer import attention_teacher, layer_errors, read_documents, text_batches, transfer_attention
+    from scrolls_ssm.transfer import (
+        attention_teacher,
+        layer_errors,
+        read_documents,
+        reuse_attention_weights,
+        text_batches,
+        transfer_attention,
+    )
 
     layers = [kind.strip() for kind in args.layers.split(",")]
     unknown = [kind for kind in layers if kind not in MIXER_KINDS]
@@ -177,8 +184,17 @@ def _run_convert(args: argparse.Namespace) -> int:
         args.base, layers, max_source_positions=args.max_source_positions, return_tokenizer=True, **overrides
     )
     report = {"base": args.base, "layers": layers, "max_source_positions": args.max_source_positions}
-    if documents is not None:
+    teacher = None
+    if args.reuse_weights:
         teacher = attention_teacher(args.base, model, attention_window=args.teacher_window)
+        report["reused_weights_in_layers"] = reuse_attention_weights(model, teacher)
+        if not report["reused_weights_in_layers"]:
+            raise CommandLineError(
+                f"--reuse-weights: --layers {args.layers} has no mamba2 layer, the only kind with a weight map. "
+                "Fix: drop --reuse-weights or swap some layers to mamba2."
+            )
+    if documents is not None:
+        teacher = teacher or attention_teacher(args.base, model, attention_window=args.teacher_window)
         max_length = args.transfer_max_length or args.max_source_positions
         batches = text_batches(documents, tokenizer, max_length, args.transfer_tokens_per_batch)
         probe = batches[: args.report_batches]
@@ -336,6 +352,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument(
         "--report-batches", type=_positive_int, default=4, help="batches the before/after errors are measured on"
+    )
+    convert.add_argument(
+        "--reuse-weights",
+        action="store_true",
+        help="initialize mamba2 layers from the attention they replace (x<-V, B<-K, C<-Q, out<-O), before transfer",
     )
     convert.add_argument("--seed", type=int, default=0, help="seed of the new mixers and of the batch order")
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
