@@ -306,8 +306,9 @@ def run_contender(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: P
         return [{"contender": contender, "status": "error", "note": error, "seconds": round(seconds)}]
     _, references = group_references(load_scrolls(PROBE_SCROLLS_TASK, "validation", data_files=str(data_dir)))
     splits = {contender: "validation"}
-    if reads_first(contender, setup):
-        splits[reads_first(contender, setup)] = truncated_split_name("validation", setup.truncate)
+    companion = reads_first(contender, setup)
+    if companion:
+        splits[companion] = truncated_split_name("validation", setup.truncate)
     rows = []
     for name, split in splits.items():
         predictions = json.loads((predictions_dir / "predictions" / split / f"{PROBE_SCROLLS_TASK}.json").read_text())

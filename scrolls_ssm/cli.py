@@ -184,9 +184,9 @@ def _run_convert(args: argparse.Namespace) -> int:
         args.base, layers, max_source_positions=args.max_source_positions, return_tokenizer=True, **overrides
     )
     report = {"base": args.base, "layers": layers, "max_source_positions": args.max_source_positions}
-    teacher = None
-    if args.reuse_weights:
+    if args.reuse_weights or documents is not None:
         teacher = attention_teacher(args.base, model, attention_window=args.teacher_window)
+    if args.reuse_weights:
         report["reused_weights_in_layers"] = reuse_attention_weights(model, teacher)
         if not report["reused_weights_in_layers"]:
             raise CommandLineError(
@@ -194,7 +194,6 @@ def _run_convert(args: argparse.Namespace) -> int:
                 "Fix: drop --reuse-weights or swap some layers to mamba2."
             )
     if documents is not None:
-        teacher = teacher or attention_teacher(args.base, model, attention_window=args.teacher_window)
         max_length = args.transfer_max_length or args.max_source_positions
         batches = text_batches(documents, tokenizer, max_length, args.transfer_tokens_per_batch)
         probe = batches[: args.report_batches]

@@ -17,6 +17,7 @@ evaluation, so a run killed at any moment and resumed ends with the same files a
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -122,10 +123,10 @@ def _run(cfg: RunConfig, accelerator: Accelerator, out: Path, resume_candidates:
     # Final predictions and scores come from the best model.
     best = AutoModelForSeq2SeqLM.from_pretrained(out / "model").to(accelerator.device)
     results = _predict_and_score(cfg, accelerator, best, tokenizer, collator, eval_sets, predict_sets, out)
-    for length in cfg.eval.truncated_source_lengths:
-        truncated = _score_truncated(cfg, accelerator, best, tokenizer, collator, data_dir, source_limit, length, out)
-        for task, metrics in truncated.items():
-            results.setdefault(task, {}).update(metrics)
+    truncated_sets = _truncated_eval_sets(cfg, tokenizer, data_dir, source_limit)
+    truncated = _predict_and_score(cfg, accelerator, best, tokenizer, collator, truncated_sets, [], out)
+    for task, scored in truncated.items():
+        results.setdefault(task, {}).update(scored)
     if accelerator.is_main_process:
         kill_point("outputs-writing", state.global_step)
         write_outputs(out, cfg, results, state.evaluations, raw_train, {s.task: s.references for s in eval_sets})
@@ -372,23 +373,18 @@ def _predict_and_score(cfg, accelerator, model, tokenizer, collator, eval_sets, 
     return results
 
 
-def _score_truncated(cfg, accelerator, model, tokenizer, collator, data_dir, source_limit: int, length: int, out):
-    """The eval split scored again with every input cut to its first `length` tokens (eval.truncated_source_lengths):
-    what the model gains from reading past them. Returns {task: {"<split>_first_<length>_tokens": metrics}}."""
-    split, name = cfg.data.eval_split, truncated_split_name(cfg.data.eval_split, length)
-    results: dict = {}
-    for task in cfg.data.tasks:
-        eval_set = _eval_set(cfg, tokenizer, data_dir, task, split, min(length, source_limit), loss=False)
-        if not any(eval_set.references.values()):
-            continue
-        predictions = generate_predictions(
-            model, eval_set, tokenizer, accelerator, collator, cfg.eval.max_tokens_per_batch, cfg.eval.num_beams
-        )
-        results[task] = {name: score(eval_set, predictions)}
-        if accelerator.is_main_process:
-            path = out / "predictions" / name / f"{task}.json"
-            write_text_atomic(path, json.dumps(predictions, ensure_ascii=False, indent=1) + "\n")
-    return results
+def _truncated_eval_sets(cfg: RunConfig, tokenizer, data_dir, source_limit: int) -> list[EvalSet]:
+    """The eval split of every task with its inputs cut to each of eval.truncated_source_lengths, named
+    `<split>_first_<N>_tokens` (their metrics.json key and predictions folder): what the model gains from reading
+    past N tokens."""
+    split = cfg.data.eval_split
+    sets = []
+    for length in cfg.eval.truncated_source_lengths:
+        for task in cfg.data.tasks:
+            eval_set = _eval_set(cfg, tokenizer, data_dir, task, split, min(length, source_limit), loss=False)
+            if any(eval_set.references.values()):
+                sets.append(dataclasses.replace(eval_set, split=truncated_split_name(split, length)))
+    return sets
 
 
 def _trackers(out: Path) -> list:

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .convert import swap_encoder
+from .convert import swap_encoder, tile_positions
 from .modeling.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
 
 
@@ -69,17 +69,13 @@ def reuse_attention_weights(
         d_inner, d_state, d_model = mixer.d_inner, mixer.d_state, attention.q_proj.weight.shape[1]
         with torch.no_grad():
             rows = mixer.in_proj.weight  # (z, x, B, C, dt) stacked
-            rows[d_inner : 2 * d_inner] = _tile_rows(attention.v_proj.weight, d_inner)
-            rows[2 * d_inner : 2 * d_inner + d_state] = _tile_rows(attention.k_proj.weight, d_state)
-            rows[2 * d_inner + d_state : 2 * d_inner + 2 * d_state] = _tile_rows(attention.q_proj.weight, d_state)
+            rows[d_inner : 2 * d_inner] = tile_positions(attention.v_proj.weight, d_inner)
+            rows[2 * d_inner : 2 * d_inner + d_state] = tile_positions(attention.k_proj.weight, d_state)
+            rows[2 * d_inner + d_state : 2 * d_inner + 2 * d_state] = tile_positions(attention.q_proj.weight, d_state)
             mixer.out_proj.weight.zero_()
             mixer.out_proj.weight[:, :d_model] = attention.out_proj.weight
         done.append(index)
     return done
-
-
-def _tile_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    return weight.repeat(-(-rows // weight.shape[0]), 1)[:rows]
 
 
 def swapped_layers(student: ScrollsSSMForConditionalGeneration) -> list[int]:
@@ -87,12 +83,20 @@ def swapped_layers(student: ScrollsSSMForConditionalGeneration) -> list[int]:
     return [index for index, kind in enumerate(student.config.encoder_layer_types) if kind != "attention"]
 
 
+def _squared_sums(
+    prediction: torch.Tensor, target: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of |prediction - target|^2, sum of |target|^2) over real positions.
+    prediction, target: (batch, seq, d); attention_mask: (batch, seq), 1 = token."""
+    mask = attention_mask.to(target.dtype).unsqueeze(-1)
+    return ((prediction - target) ** 2 * mask).sum(), (target**2 * mask).sum()
+
+
 def relative_error(prediction: torch.Tensor, target: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """sum over real positions of |prediction - target|^2, divided by the same sum of |target|^2.
     prediction, target: (batch, seq, d); attention_mask: (batch, seq), 1 = token."""
-    mask = attention_mask.to(target.dtype).unsqueeze(-1)
-    error = ((prediction - target) ** 2 * mask).sum()
-    return error / (target**2 * mask).sum().clamp_min(torch.finfo(target.dtype).tiny)
+    error, norm = _squared_sums(prediction, target, attention_mask)
+    return error / norm.clamp_min(torch.finfo(target.dtype).tiny)
 
 
 def read_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -184,10 +188,10 @@ def layer_errors(
             for batch in batches:
                 device_batch = {key: value.to(student.device) for key, value in batch.items()}
                 for index, (hidden, target) in _teacher_pass(teacher, capture, device_batch).items():
-                    mask = device_batch["attention_mask"].to(target.dtype).unsqueeze(-1)
-                    prediction = student.get_encoder().layers[index].mixer(hidden, device_batch["attention_mask"])
-                    errors[index] += float(((prediction - target) ** 2 * mask).sum())
-                    norms[index] += float((target**2 * mask).sum())
+                    mask = device_batch["attention_mask"]
+                    error, norm = _squared_sums(student.get_encoder().layers[index].mixer(hidden, mask), target, mask)
+                    errors[index] += float(error)
+                    norms[index] += float(norm)
     finally:
         capture.remove()
         student.train(was_training)
