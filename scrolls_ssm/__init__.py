@@ -7,6 +7,7 @@ Importing the package registers the model with transformers' Auto classes, so `A
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from .convert import load_tokenizer, swap_encoder
+from .denoising import denoising_batches, denoising_loss, encoder_similarity, text_infilling
 from .modeling.configuration_scrolls_ssm import MIXER_KINDS, ScrollsSSMConfig
 from .modeling.mixers import MIXERS
 from .modeling.modeling_scrolls_ssm import (
@@ -16,7 +17,7 @@ from .modeling.modeling_scrolls_ssm import (
     ScrollsSSMPreTrainedModel,
 )
 from .optim import optimizer_cls_and_kwargs, ssm_param_groups
-from .transfer import attention_teacher, reuse_attention_weights, transfer_attention
+from .transfer import attention_teacher, distill_outputs, reuse_attention_weights, transfer_attention
 
 __version__ = "0.1.0"
 
@@ -38,10 +39,15 @@ __all__ = [
     "ScrollsSSMModel",
     "ScrollsSSMPreTrainedModel",
     "attention_teacher",
+    "denoising_batches",
+    "denoising_loss",
+    "distill_outputs",
+    "encoder_similarity",
     "load_tokenizer",
     "optimizer_cls_and_kwargs",
     "reuse_attention_weights",
     "ssm_param_groups",
     "swap_encoder",
+    "text_infilling",
     "transfer_attention",
 ]

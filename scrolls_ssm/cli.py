@@ -156,16 +156,10 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     import torch
 
+    from scrolls_ssm.config import TransferConfig
     from scrolls_ssm.convert import swap_encoder
     from scrolls_ssm.modeling import MIXER_KINDS
-    from scrolls_ssm.transfer import (
-        attention_teacher,
-        layer_errors,
-        read_documents,
-        reuse_attention_weights,
-        text_batches,
-        transfer_attention,
-    )
+    from scrolls_ssm.transfer import attention_teacher, read_documents, reuse_attention_weights, run_transfer
 
     layers = [kind.strip() for kind in args.layers.split(",")]
     unknown = [kind for kind in layers if kind not in MIXER_KINDS]
@@ -174,6 +168,13 @@ def _run_convert(args: argparse.Namespace) -> int:
             f"--layers {args.layers}: unknown mixer kind(s) {unknown}. Fix: one of {', '.join(MIXER_KINDS)} per "
             "encoder layer, comma-separated, e.g. --layers s4d,s4d,s4d,s4d,s4d,attention."
         )
+    if args.reuse_weights and "mamba2" not in layers:
+        raise CommandLineError(
+            f"--reuse-weights: --layers {args.layers} has no mamba2 layer, the only kind with a weight map. "
+            "Fix: drop --reuse-weights or swap some layers to mamba2."
+        )
+    if args.distill_steps and not args.transfer_data:
+        raise CommandLineError("--distill-steps distills on documents. Fix: give them with --transfer-data.")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CommandLineError(f"--out {out}: the folder is not empty. Fix: another --out, or --overwrite.")
@@ -184,34 +185,45 @@ def _run_convert(args: argparse.Namespace) -> int:
         args.base, layers, max_source_positions=args.max_source_positions, return_tokenizer=True, **overrides
     )
     report = {"base": args.base, "layers": layers, "max_source_positions": args.max_source_positions}
-    if args.reuse_weights or documents is not None:
-        teacher = attention_teacher(args.base, model, attention_window=args.teacher_window)
-    if args.reuse_weights:
-        report["reused_weights_in_layers"] = reuse_attention_weights(model, teacher)
-        if not report["reused_weights_in_layers"]:
-            raise CommandLineError(
-                f"--reuse-weights: --layers {args.layers} has no mamba2 layer, the only kind with a weight map. "
-                "Fix: drop --reuse-weights or swap some layers to mamba2."
-            )
-    if documents is not None:
-        max_length = args.transfer_max_length or args.max_source_positions
-        batches = text_batches(documents, tokenizer, max_length, args.transfer_tokens_per_batch)
-        probe = batches[: args.report_batches]
-        before = layer_errors(model, teacher, probe)
-        log = transfer_attention(
-            model, teacher, batches, args.transfer_steps, learning_rate=args.transfer_lr, seed=args.seed
+    # The stages' checkpoints live beside --out until it is written: the same command, run again, resumes them.
+    state_dir = out.with_name(f".{out.name}.transfer-state")
+    if documents is None and args.reuse_weights:
+        report["reused_weights_in_layers"] = reuse_attention_weights(model, attention_teacher(args.base, model))
+    elif documents is not None:
+        settings = TransferConfig(
+            steps=args.transfer_steps,
+            learning_rate=args.transfer_lr,
+            reuse_weights=args.reuse_weights,
+            teacher_window=args.teacher_window,
+            distill_steps=args.distill_steps,
+            distill_learning_rate=args.distill_lr,
+            distill_train=args.distill_train,
+            checkpoint_every_steps=args.checkpoint_every_steps,
         )
-        after = layer_errors(model, teacher, probe)
-        report["transfer"] = {
-            "documents": len(documents),
-            "steps": args.transfer_steps,
-            "learning_rate": args.transfer_lr,
-            "relative_error_before": before,
-            "relative_error_after": after,
-            "log": log,
-        }
+        report.update(
+            run_transfer(
+                model,
+                args.base,
+                tokenizer,
+                documents,
+                settings,
+                max_length=args.transfer_max_length or args.max_source_positions,
+                max_tokens_per_batch=args.transfer_tokens_per_batch,
+                seed=args.seed,
+                work_dir=state_dir,
+                report_batches=args.report_batches,
+            )
+        )
+        before, after = report["relative_error_before"], report["relative_error_after"]
         for index in before:
             print(f"layer {index} ({layers[index]}): relative error {before[index]:.4f} -> {after[index]:.4f}")
+        print(f"encoder output cosine to the original: {report['encoder_cosine_before']:.4f} -> "
+              f"{report['encoder_cosine_after']:.4f}")  # fmt: skip
+        if "distillation" in report:
+            loss = report["distillation"]["denoising_loss"]
+            print(
+                f"denoising loss: {loss['before']:.4f} -> {loss['after']:.4f} (the original: {loss['original']:.4f})"
+            )
     staging = out.with_name(f".{out.name}.converting")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
@@ -220,6 +232,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)  # the folder appears whole or not at all
+    shutil.rmtree(state_dir, ignore_errors=True)
     print(f"wrote {out} (fine-tune it with model.init_from={out})")
     return 0
 
@@ -356,6 +369,25 @@ def _build_parser() -> argparse.ArgumentParser:
         "--reuse-weights",
         action="store_true",
         help="initialize mamba2 layers from the attention they replace (x<-V, B<-K, C<-Q, out<-O), before transfer",
+    )
+    convert.add_argument(
+        "--distill-steps",
+        type=_positive_int,
+        default=0,
+        help="after transfer, steps distilling the original's outputs on text-infilled documents (default 0: none)",
+    )
+    convert.add_argument("--distill-lr", type=float, default=1e-4, help="learning rate of distillation")
+    convert.add_argument(
+        "--distill-train",
+        choices=["mixers", "encoder", "all"],
+        default="mixers",
+        help="the parameters distillation trains (default: the new mixers only)",
+    )
+    convert.add_argument(
+        "--checkpoint-every-steps",
+        type=_positive_int,
+        default=None,
+        help="save the stages' state every N steps; the same command, run again, resumes it",
     )
     convert.add_argument("--seed", type=int, default=0, help="seed of the new mixers and of the batch order")
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")

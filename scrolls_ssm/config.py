@@ -108,9 +108,37 @@ class EvalConfig:
 
 
 @dataclass
+class TransferConfig:
+    """A stage between building the swapped model and fine-tuning it: the new mixers learn what model.base's attention
+    layers did (docs/transfer.md). Off while `steps` and `distill_steps` are both 0."""
+
+    # Layer-wise attention transfer: optimizer steps (0: skip) and AdamW learning rate.
+    steps: int = 0
+    learning_rate: float = 1e-3
+    # Start every mamba2 layer from the attention it replaces (x <- V, B <- K, C <- Q, out <- O) before transfer.
+    reuse_weights: bool = False
+    # Unlabeled documents: SCROLLS .jsonl files (their inputs) or text files; null: the training inputs of data.tasks.
+    documents: list[str] | None = None
+    max_documents: int | None = None
+    # Tokens per document (null: the training source length) and per batch (null: data.max_tokens_per_batch).
+    max_length: int | None = None
+    max_tokens_per_batch: int | None = None
+    # Block-local attention for the teacher where full attention over max_length does not fit.
+    teacher_window: int | None = None
+    # Then the end-to-end stage: the original's output distributions distilled on text-infilling batches, cut to the
+    # original's position limit. distill_train: the parameters that learn (mixers, encoder or all).
+    distill_steps: int = 0
+    distill_learning_rate: float = 1e-4
+    distill_train: str = "mixers"
+    # Save the stage's state every N steps (and at its end); an interrupted run resumes it with train.resume=auto.
+    checkpoint_every_steps: int | None = None
+
+
+@dataclass
 class RunConfig:
     recipe: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -154,6 +182,7 @@ CHOICES = {
     "eval.best_metric": ("loss", "score"),
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
     "data.eval_split": ("train", "validation", "test"),
+    "transfer.distill_train": ("mixers", "encoder", "all"),
 }
 
 
@@ -219,6 +248,15 @@ RANGES: dict[str, Range] = {
     "eval.max_new_tokens": _POSITIVE,
     "eval.max_tokens_per_batch": _POSITIVE,
     "eval.truncated_source_lengths": _POSITIVE,
+    "transfer.steps": Range(0),
+    "transfer.learning_rate": Range(0, low_open=True),
+    "transfer.max_documents": _POSITIVE,
+    "transfer.max_length": _POSITIVE,
+    "transfer.max_tokens_per_batch": _POSITIVE,
+    "transfer.teacher_window": _POSITIVE,
+    "transfer.distill_steps": Range(0),
+    "transfer.distill_learning_rate": Range(0, low_open=True),
+    "transfer.checkpoint_every_steps": _POSITIVE,
 }
 
 
@@ -367,6 +405,15 @@ def _check(config: RunConfig) -> None:
                 f"data.predict_splits={config.data.predict_splits!r} names an unknown split {split!r}; "
                 f"valid splits: {', '.join(SPLITS)}."
             )
+    if (config.transfer.steps or config.transfer.distill_steps) and (
+        config.model.base is None or config.model.init_from is not None
+    ):
+        raise RunConfigError(
+            f"transfer.steps={config.transfer.steps} / transfer.distill_steps={config.transfer.distill_steps} "
+            f"transfer from the pretrained attention of model.base, but model.base={config.model.base!r} and "
+            f"model.init_from={config.model.init_from!r}. Fix: set model.base to a BART / LED checkpoint and "
+            "model.init_from to null, or set transfer.steps=0 and transfer.distill_steps=0."
+        )
     if config.model.base is None and config.model.init_from is None and not config.model.config:
         raise RunConfigError(
             "model.base is null but model.config is empty: to train from scratch give the architecture in "

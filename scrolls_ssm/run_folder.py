@@ -4,9 +4,12 @@
 |--------------------------------------|-----------|-------------------|----------------------|----------------------|
 | nothing                              | start     | start             | error                | start                |
 | a run that stopped before training   | start     | start             | error                | start                |
-| a run without a complete checkpoint  | error     | clear, start      | error                | clear, start         |
+| a run without a complete checkpoint  | error     | clear, start (1)  | error                | clear, start         |
 | a run with checkpoints               | error     | resume the newest | resume it            | clear, start         |
 | a live run (lock file with live pid) | error     | error             | error                | error                |
+
+(1) except `transfer/`, the recipe's transfer stage (train.py): its result and checkpoints are kept and reused when the
+settings are unchanged, so a run killed during transfer resumes it.
 
 A lock file names the process that owns the folder; one left by a dead process is taken over with a warning.
 Hidden `.tmp-*` leftovers of a save that was killed are removed at every start.
@@ -31,7 +34,16 @@ LOCK_NAME = ".lock"
 # What a run writes before its first step; a folder holding nothing else has no results to protect.
 STARTUP_ENTRIES = frozenset({"run_config.yaml", "tokenizer", "log.jsonl"})
 # Written by save_model / save_checkpoint / write_text_atomic before their rename; a kill leaves them behind.
-LEFTOVERS = (".tmp-model", ".old-model", "checkpoints/.tmp-*", ".*.tmp", "model/.*.tmp", "predictions/*/.*.tmp")
+LEFTOVERS = (
+    ".tmp-model",
+    ".old-model",
+    "checkpoints/.tmp-*",
+    ".*.tmp",
+    "model/.*.tmp",
+    "predictions/*/.*.tmp",
+    "transfer/.*.tmp",
+    "transfer/state/.*.tmp",
+)
 
 
 class RunFolderLock:
@@ -141,6 +153,9 @@ def prepare_run_folder(cfg: RunConfig, took_over_lock: bool = False) -> list[Pat
             "Resume it with train.resume=auto (or --resume), clear it with train.overwrite_output_dir=true, "
             "or choose another train.output_dir."
         )
+    if resume == "auto":
+        # The transfer stage's result and checkpoints (train.py) resume too; they are redone if the settings changed.
+        used = [path for path in used if path.name != "transfer"]
     # run_config.yaml last: a kill while clearing leaves a folder that is still recognisably a run.
     for entry in sorted(used, key=lambda path: path.name == "run_config.yaml"):
         _remove(entry)

@@ -21,6 +21,8 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,6 +107,8 @@ def _run(cfg: RunConfig, accelerator: Accelerator, out: Path, resume_candidates:
         tokenizer = build_tokenizer(cfg.model, out / "tokenizer", lambda: _training_texts(cfg, raw_train))
         model = build_model(cfg.model, tokenizer)
         source_limit = encoder_length_limit(model.config)
+        if training and not resume_candidates and (cfg.transfer.steps or cfg.transfer.distill_steps):
+            _transfer_stage(cfg, accelerator, model, tokenizer, raw_train, source_limit, out)
         train_set = _tokenize_train(cfg, tokenizer, raw_train, source_limit) if training else None
         eval_sets, predict_sets = _tokenize_evaluation(cfg, tokenizer, data_dir, source_limit)
     global_attention = uses_global_attention(model)  # LED: global attention on <s>
@@ -231,6 +235,72 @@ def _train(
         save_checkpoint(accelerator, out, state, cfg)
     progress.close()
     return model, state
+
+
+# --- transfer: the pretrained attention into the new mixers, before fine-tuning --------------------------------------
+
+
+def _transfer_stage(cfg: RunConfig, accelerator: Accelerator, model, tokenizer, raw_train, source_limit, out) -> None:
+    """Run the recipe's `transfer:` stage on `model` in place (docs/transfer.md). The first process to get here runs
+    it and keeps the result in `<output_dir>/transfer/` (model.safetensors, transfer.json with the report); the other
+    processes, and a run restarted with the same settings, load that instead. The stage checkpoints itself in
+    `transfer/state/` every `transfer.checkpoint_every_steps` steps; a restart with `train.resume=auto` resumes it."""
+    from safetensors.torch import load_model, save_model
+
+    from .transfer import read_documents, run_transfer
+
+    folder = out / "transfer"
+    settings = json.dumps(
+        {
+            "transfer": dataclasses.asdict(cfg.transfer),
+            "model": dataclasses.asdict(cfg.model),
+            "tasks": cfg.data.tasks,
+            "data_dir": cfg.data.data_dir,
+            "seed": cfg.train.seed,
+        },
+        sort_keys=True,
+    )
+    report_path, weights = folder / "transfer.json", folder / "model.safetensors"
+    if report_path.is_file() and weights.is_file() and json.loads(report_path.read_text())["settings"] == settings:
+        load_model(model, weights)
+        accelerator.print(f"Transfer: loaded the transferred mixers from {folder}.")
+        return
+    state_dir = folder / "state"
+    if (state_dir / "settings.json").is_file() and (state_dir / "settings.json").read_text() != settings:
+        shutil.rmtree(state_dir)  # written for other settings: starts over
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(state_dir / "settings.json", settings)
+    if cfg.transfer.documents:
+        documents = read_documents(cfg.transfer.documents)
+    else:
+        documents = [text for rows in raw_train.values() for text in rows["input"]]
+    documents = documents[: cfg.transfer.max_documents]
+    max_length = cfg.transfer.max_length or max(_lengths(cfg, task, source_limit)[0] for task in cfg.data.tasks)
+    model.to(accelerator.device)
+    report = run_transfer(
+        model,
+        cfg.model.base,
+        tokenizer,
+        documents,
+        cfg.transfer,
+        max_length=min(max_length, source_limit),
+        max_tokens_per_batch=cfg.transfer.max_tokens_per_batch or cfg.data.max_tokens_per_batch,
+        seed=cfg.train.seed,
+        work_dir=state_dir,
+        progress=accelerator.is_local_main_process,
+    )
+    before, after = report["relative_error_before"], report["relative_error_after"]
+    accelerator.print(
+        "Transfer: relative error per swapped layer "
+        + ", ".join(f"{index}: {before[index]:.3f} -> {after[index]:.3f}" for index in before)
+        + f"; encoder cosine to the original {report['encoder_cosine_before']:.3f} -> "
+        f"{report['encoder_cosine_after']:.3f}."
+    )
+    staging = folder / ".model.safetensors.tmp"
+    save_model(model, str(staging))
+    os.replace(staging, weights)
+    write_text_atomic(report_path, json.dumps({"settings": settings, **report}, indent=1) + "\n")
+    shutil.rmtree(state_dir)
 
 
 # --- data -----------------------------------------------------------------------------------------------------------

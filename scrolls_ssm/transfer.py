@@ -28,6 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .checkpointing import kill_point
+from .config import TransferConfig
 from .convert import swap_encoder, tile_positions
 from .modeling.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
 
@@ -208,6 +210,8 @@ def transfer_attention(
     max_grad_norm: float | None = 1.0,
     seed: int = 0,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every_steps: int | None = None,
 ) -> list[dict[str, float]]:
     """Train the student's swapped mixers, all layers in one pass, to reproduce the teacher's attention outputs.
 
@@ -217,6 +221,8 @@ def transfer_attention(
         batches: encoder batches (`input_ids`, `attention_mask`), e.g. `text_batches(documents, tokenizer, ...)`:
             the user's unlabeled documents, such as a task's training inputs. They are cycled in a shuffled order.
         steps: optimizer steps. learning_rate, weight_decay, max_grad_norm: AdamW and clipping.
+        checkpoint, checkpoint_every_steps: a file to save the stage's state to every N steps and at its end; a call
+            that finds it resumes from it (see `_optimize`).
 
     Returns the log: one `{"step", "loss", "layer_<i>"}` record per step (relative errors, see the module doc). The
     student is left in training mode with the transferred mixers; nothing else in it changes.
@@ -226,44 +232,284 @@ def transfer_attention(
         raise ValueError(
             "the student has no swapped layer to transfer: every entry of encoder_layer_types is 'attention'."
         )
-    if steps < 1:
-        raise ValueError(f"steps={steps}: transfer needs at least one optimizer step.")
-    if not batches:
-        raise ValueError("transfer needs at least one batch of documents.")
     blocks = student.get_encoder().layers
-    parameters = [param for index in layers for param in blocks[index].mixer.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    order = _cycle(len(batches), generator)
     capture = _Capture(teacher, layers)
     student.train()
-    log: list[dict[str, float]] = []
+
+    def step_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = batch["attention_mask"]
+        errors = {
+            index: relative_error(blocks[index].mixer(hidden, mask), target, mask)
+            for index, (hidden, target) in _teacher_pass(teacher, capture, batch).items()
+        }
+        return sum(errors.values()) / len(layers), {f"layer_{i}": float(e.detach()) for i, e in errors.items()}
+
     try:
-        for step in tqdm(range(1, steps + 1), desc="attention transfer", disable=not progress):
-            batch = {key: value.to(student.device) for key, value in batches[next(order)].items()}
-            records = _teacher_pass(teacher, capture, batch)
-            record: dict[str, float] = {"step": step}
-            total = 0.0
-            for index, (hidden, target) in records.items():
-                error = relative_error(
-                    blocks[index].mixer(hidden, batch["attention_mask"]), target, batch["attention_mask"]
-                )
-                record[f"layer_{index}"] = float(error.detach())
-                total = total + error
-            loss = total / len(layers)
-            loss.backward()
-            if max_grad_norm:
-                nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            record["loss"] = float(loss.detach())
-            log.append(record)
+        return _optimize(
+            student,
+            [param for index in layers for param in blocks[index].mixer.parameters()],
+            batches,
+            steps,
+            step_loss,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            seed=seed,
+            description="attention transfer" if progress else None,
+            checkpoint=checkpoint,
+            checkpoint_every_steps=checkpoint_every_steps,
+        )
     finally:
         capture.remove()
+
+
+DISTILL_PARAMETERS = ("mixers", "encoder", "all")
+
+
+def distill_outputs(
+    student: ScrollsSSMForConditionalGeneration,
+    teacher: PreTrainedModel,
+    batches: Sequence[dict[str, torch.Tensor]],
+    steps: int,
+    learning_rate: float = 1e-4,
+    train: str = "mixers",
+    temperature: float = 1.0,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every_steps: int | None = None,
+) -> list[dict[str, float]]:
+    """The end-to-end stage after `transfer_attention`: the student's next-token distributions learn the original
+    model's, KL(teacher || student) per target token, on `batches` with `labels` (e.g. `denoising_batches` of the
+    user's documents: what a BART-family checkpoint was pretrained on). Keep the inputs within the original's
+    position limit, where the teacher is the checkpoint itself.
+
+    train: which parameters learn: "mixers" (the swapped layers' mixers; everything else stays bit for bit),
+    "encoder" (the whole encoder) or "all". temperature: both distributions are softened by it (the loss is scaled
+    by its square, as usual). checkpoint, checkpoint_every_steps: as for `transfer_attention`. Returns one
+    `{"step", "loss"}` record per step (mean KL per target token, nats).
+    """
+    if train not in DISTILL_PARAMETERS:
+        raise ValueError(f"train={train!r}: choose one of {', '.join(DISTILL_PARAMETERS)}.")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0.")
+    if not batches or "labels" not in batches[0]:
+        raise ValueError("distillation needs batches with labels, e.g. from scrolls_ssm.denoising_batches.")
+    if train == "mixers":
+        blocks = student.get_encoder().layers
+        parameters = [param for index in swapped_layers(student) for param in blocks[index].mixer.parameters()]
+    else:
+        parameters = list((student.get_encoder() if train == "encoder" else student).parameters())
+    if not parameters:
+        raise ValueError("the student has no swapped layer to distill into: pass train='encoder' or 'all'.")
+    teacher.eval()
+    student.train()
+
+    def step_loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            target = torch.log_softmax(teacher(**batch).logits.float() / temperature, dim=-1)
+        prediction = torch.log_softmax(student(**batch).logits.float() / temperature, dim=-1)
+        per_token = (target.exp() * (target - prediction)).sum(-1)
+        real = batch["labels"] != -100
+        return per_token[real].mean() * temperature**2, {}
+
+    return _optimize(
+        student,
+        parameters,
+        batches,
+        steps,
+        step_loss,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+        description="output distillation" if progress else None,
+        checkpoint=checkpoint,
+        checkpoint_every_steps=checkpoint_every_steps,
+    )
+
+
+def _optimize(
+    model: nn.Module,
+    parameters: list[nn.Parameter],
+    batches: Sequence[dict[str, torch.Tensor]],
+    steps: int,
+    step_loss,
+    learning_rate: float,
+    weight_decay: float,
+    max_grad_norm: float | None,
+    seed: int,
+    description: str | None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every_steps: int | None = None,
+) -> list[dict[str, float]]:
+    """AdamW on `parameters` for `steps` steps over `batches` (cycled, a new shuffled order each round, fixed by
+    `seed`); `step_loss(batch)` returns the loss and extra values to log. Returns the per-step log.
+
+    With `checkpoint` (a file path), the parameters, optimizer, RNG and log are saved there atomically every
+    `checkpoint_every_steps` steps and at the end, and a call that finds the file continues from it: the same
+    arguments give the same result, interrupted or not (a finished stage returns at once)."""
+    if steps < 1:
+        raise ValueError(f"steps={steps}: at least one optimizer step is needed.")
+    if not batches:
+        raise ValueError("at least one batch of documents is needed.")
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    order = _cycle(len(batches), torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    log: list[dict[str, float]] = []
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.is_file():
+        log = _load_stage(path, parameters, optimizer, steps)
+        for _ in log:  # the batches those steps used
+            next(order)
+    progress = tqdm(total=steps, initial=len(log), desc=description, disable=description is None)
+    for step in range(len(log) + 1, steps + 1):
+        batch = {key: value.to(device) for key, value in batches[next(order)].items()}
+        loss, values = step_loss(batch)
+        loss.backward()
+        if max_grad_norm:
+            nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.append({"step": step, **values, "loss": float(loss.detach())})
+        progress.update(1)
+        if path is not None and (step == steps or (checkpoint_every_steps and step % checkpoint_every_steps == 0)):
+            _save_stage(path, parameters, optimizer, log)
+            kill_point(f"{path.stem}-saved", step)
+    progress.close()
     return log
+
+
+def _save_stage(path: Path, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer, log: list) -> None:
+    state = {
+        "parameters": [param.detach().cpu() for param in parameters],
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "log": log,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    torch.save(state, staging)
+    os.replace(staging, path)  # a kill leaves the previous checkpoint whole
+
+
+def _load_stage(path: Path, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer, steps: int) -> list:
+    """Restore a `_save_stage` file into `parameters` and `optimizer`; returns its log."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    shapes = [tuple(tensor.shape) for tensor in state["parameters"]]
+    if shapes != [tuple(param.shape) for param in parameters] or len(state["log"]) > steps:
+        raise ValueError(
+            f"{path} holds the state of another stage ({len(shapes)} tensors, {len(state['log'])} steps), not of this "
+            f"one ({len(parameters)} tensors, {steps} steps). Fix: delete it to start the stage over, or use the "
+            "settings it was written with."
+        )
+    with torch.no_grad():
+        for param, saved in zip(parameters, state["parameters"], strict=True):
+            param.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["log"]
 
 
 def _cycle(count: int, generator: torch.Generator) -> Iterator[int]:
     """Batch indices forever: every batch once per round, each round in a new shuffled order."""
     for _ in itertools.count():
         yield from torch.randperm(count, generator=generator).tolist()
+
+
+def original_position_limit(base: PreTrainedModel | str | os.PathLike) -> int:
+    """The longest input the checkpoint `base` was trained on: its encoder's learned positions."""
+    from transformers import AutoConfig
+
+    config = base.config if isinstance(base, PreTrainedModel) else AutoConfig.from_pretrained(base)
+    return getattr(config, "max_encoder_position_embeddings", None) or config.max_position_embeddings
+
+
+def run_transfer(
+    student: ScrollsSSMForConditionalGeneration,
+    base: PreTrainedModel | str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Sequence[str],
+    settings: TransferConfig,
+    max_length: int,
+    max_tokens_per_batch: int,
+    seed: int = 0,
+    work_dir: str | os.PathLike | None = None,
+    report_batches: int = 4,
+    progress: bool = True,
+) -> dict:
+    """The whole conversion stage that `settings` asks for, on `documents`, in place on `student` (swapped from
+    `base`): weight reuse, layer-wise attention transfer, then output distillation. Returns a report: per swapped
+    layer the relative error and the encoder-output cosine similarity to the original before and after, on the first
+    `report_batches` batches, and each stage's log. `work_dir` keeps each stage's checkpoint
+    (`attention_transfer.pt`, `output_distillation.pt`): a call that finds them resumes from them.
+    Used by `scrolls-ssm convert` and by the recipe stage `transfer:` (train.py)."""
+    from .denoising import denoising_batches, denoising_loss, encoder_similarity
+
+    device = next(student.parameters()).device
+    teacher = attention_teacher(base, student, attention_window=settings.teacher_window).to(device)
+    work = Path(work_dir) if work_dir is not None else None
+    report: dict = {"base": str(getattr(base, "name_or_path", base)), "documents": len(documents)}
+    if settings.reuse_weights:
+        report["reused_weights_in_layers"] = reuse_attention_weights(student, teacher)
+        if not report["reused_weights_in_layers"]:
+            raise ValueError(
+                f"reuse_weights: the layout {student.config.encoder_layer_types} has no mamba2 layer, the only kind "
+                "with a weight map. Fix: turn weight reuse off or swap some layers to mamba2."
+            )
+    batches = text_batches(documents, tokenizer, max_length, max_tokens_per_batch)
+    probe = batches[:report_batches]
+    before = {
+        "relative_error": layer_errors(student, teacher, probe),
+        "cosine": encoder_similarity(student, teacher, probe),
+    }
+    if settings.steps:
+        log = transfer_attention(
+            student,
+            teacher,
+            batches,
+            settings.steps,
+            learning_rate=settings.learning_rate,
+            seed=seed,
+            progress=progress,
+            checkpoint=work / "attention_transfer.pt" if work else None,
+            checkpoint_every_steps=settings.checkpoint_every_steps,
+        )
+        report["transfer"] = {"steps": settings.steps, "learning_rate": settings.learning_rate, "log": log}
+    if settings.distill_steps:
+        length = min(max_length, original_position_limit(base), student.config.max_position_embeddings)
+        distill = denoising_batches(documents, tokenizer, length, max_tokens_per_batch, seed=seed)
+        loss_before = denoising_loss(student, distill[:report_batches])
+        log = distill_outputs(
+            student,
+            teacher,
+            distill,
+            settings.distill_steps,
+            learning_rate=settings.distill_learning_rate,
+            train=settings.distill_train,
+            seed=seed,
+            progress=progress,
+            checkpoint=work / "output_distillation.pt" if work else None,
+            checkpoint_every_steps=settings.checkpoint_every_steps,
+        )
+        report["distillation"] = {
+            "steps": settings.distill_steps,
+            "learning_rate": settings.distill_learning_rate,
+            "train": settings.distill_train,
+            "max_length": length,
+            "denoising_loss": {
+                "original": denoising_loss(teacher, distill[:report_batches]),
+                "before": loss_before,
+                "after": denoising_loss(student, distill[:report_batches]),
+            },
+            "log": log,
+        }
+    after = {
+        "relative_error": layer_errors(student, teacher, probe),
+        "cosine": encoder_similarity(student, teacher, probe),
+    }
+    report["relative_error_before"], report["relative_error_after"] = before["relative_error"], after["relative_error"]
+    report["encoder_cosine_before"], report["encoder_cosine_after"] = before["cosine"], after["cosine"]
+    return report

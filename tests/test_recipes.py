@@ -154,6 +154,15 @@ OUT_OF_RANGE = [
         "eval.truncated_source_lengths=[1024,0]",
         "eval.truncated_source_lengths=[1024, 0] is out of range: the entry 0 must be >= 1.",
     ),
+    ("transfer.steps=-1", "transfer.steps=-1 is out of range: it must be >= 0."),
+    ("transfer.learning_rate=0", "transfer.learning_rate=0.0 is out of range: it must be > 0."),
+    ("transfer.max_documents=0", "transfer.max_documents=0 is out of range: it must be >= 1."),
+    ("transfer.max_length=0", "transfer.max_length=0 is out of range: it must be >= 1."),
+    ("transfer.max_tokens_per_batch=0", "transfer.max_tokens_per_batch=0 is out of range: it must be >= 1."),
+    ("transfer.teacher_window=0", "transfer.teacher_window=0 is out of range: it must be >= 1."),
+    ("transfer.distill_steps=-5", "transfer.distill_steps=-5 is out of range: it must be >= 0."),
+    ("transfer.distill_learning_rate=-1", "transfer.distill_learning_rate=-1.0 is out of range: it must be > 0."),
+    ("transfer.checkpoint_every_steps=0", "transfer.checkpoint_every_steps=0 is out of range: it must be >= 1."),
 ]
 
 
@@ -170,7 +179,7 @@ def _numeric_keys() -> set[str]:
 
 
 def test_every_numeric_key_is_range_checked():
-    assert len(_numeric_keys()) == 29
+    assert len(_numeric_keys()) == 38
     assert set(RANGES) == _numeric_keys()
     assert {override.split("=")[0] for override, _ in OUT_OF_RANGE} == set(RANGES)
 

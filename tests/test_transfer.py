@@ -121,9 +121,11 @@ def test_convert_command_swaps_transfers_and_saves_a_loadable_model(base, tmp_pa
     torch.testing.assert_close(
         moved.model.encoder.layers[1].mixer.q_proj.weight, bart.model.encoder.layers[1].self_attn.q_proj.weight
     )
-    report = json.loads((tmp_path / "moved" / "conversion.json").read_text())["transfer"]
-    assert report["documents"] == 40 and len(report["log"]) == 150
+    report = json.loads((tmp_path / "moved" / "conversion.json").read_text())
+    assert report["documents"] == 40 and len(report["transfer"]["log"]) == 150
     assert report["relative_error_after"]["0"] < 0.6 < 1.0 < report["relative_error_before"]["0"]
+    assert report["encoder_cosine_before"] < report["encoder_cosine_after"] <= 1.0
+    assert not (tmp_path / ".moved.transfer-state").exists()  # the stage checkpoints go once --out is written
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "moved")
     batches = text_batches(_documents(8, seed=5), tokenizer, max_length=64, max_tokens=256)
     teacher = attention_teacher(base, plain)

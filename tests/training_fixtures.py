@@ -71,6 +71,11 @@ def overrides(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 def run_train_command(argv: list[str], kill_at: str | None = None) -> None:
     """A child process of the kill -9 tests: `scrolls-ssm train ARGV`, with the SIGKILL test hook set to `kill_at`."""
+    run_command(["train", *argv], kill_at)
+
+
+def run_command(argv: list[str], kill_at: str | None = None) -> None:
+    """A child process of the kill -9 tests: `scrolls-ssm ARGV`, with the SIGKILL test hook set to `kill_at`."""
     import os
     import sys
 
@@ -79,4 +84,4 @@ def run_train_command(argv: list[str], kill_at: str | None = None) -> None:
 
     if kill_at is not None:
         os.environ[TEST_KILL_ENV] = kill_at
-    sys.exit(main(["train", *argv]))
+    sys.exit(main(argv))
