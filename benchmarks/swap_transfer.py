@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -58,16 +59,20 @@ class Setup:
     # The stand-in BART.
     d_model: int = 128
     encoder_layers: int = 4
-    decoder_layers: int = 2
+    decoder_layers: int = 1  # too shallow to find a restated sentence in its own output: the encoder must help
     heads: int = 4
     ffn_dim: int = 256
     vocab_size: int = 1000
     length: int = 512  # tokens per document: pretraining, transfer and held-out inputs
-    corpus_documents: int = 1500  # per synthetic task (three tasks)
-    doc_words: int = 420  # ~1.15 tokens per word: most documents fill `length`
-    pretrain_steps: int = 1500
+    corpus_documents: int = 4000
+    sentences_per_document: int = 10  # each stated `restatements` times: ~400 tokens a document
+    restatements: int = 3
+    pretrain_steps: int = 4000
     pretrain_tokens: int = 2048
-    pretrain_lr: float = 1e-3
+    pretrain_lr: float = 2e-3
+    # BART's 0.02 leaves a from-scratch model's cross-attention uniform, and the decoder learns to ignore the encoder
+    # (measured: the same loss with every input token masked); 0.1 makes it read the encoder (docs/demo.md).
+    init_std: float = 0.1
     # Conversion.
     heldout_documents: int = 48
     transfer_documents: int = 600
@@ -90,7 +95,8 @@ class Setup:
         fields = asdict(self)
         stand_in = [
             "d_model", "encoder_layers", "decoder_layers", "heads", "ffn_dim", "vocab_size", "length",
-            "corpus_documents", "doc_words", "pretrain_steps", "pretrain_tokens", "pretrain_lr", "seed",
+            "corpus_documents", "sentences_per_document", "restatements", "pretrain_steps", "pretrain_tokens",
+            "pretrain_lr", "init_std", "seed",
         ]  # fmt: skip
         return {name: fields[name] for name in stand_in}
 
@@ -104,7 +110,8 @@ QUICK = Setup(
     vocab_size=300,
     length=128,
     corpus_documents=40,
-    doc_words=100,
+    sentences_per_document=4,
+    restatements=2,
     pretrain_steps=30,
     pretrain_tokens=1024,
     heldout_documents=8,
@@ -126,30 +133,21 @@ def layout(kind: str, layers: int) -> list[str]:
 # --- the pretrained stand-in ----------------------------------------------------------------------------------------
 
 
-def corpus(setup: Setup, out: Path) -> Path:
-    """Synthetic documents of every synthetic task: train split to pretrain and transfer on, validation held out."""
-    from scrolls_ssm.synthetic import write_synthetic_scrolls
+def corpus(setup: Setup, split: str) -> list[str]:
+    """The stand-in's documents: `sentences_per_document` synthetic sentences, each stated `restatements` times, in a
+    shuffled order. A masked span is recoverable only from another statement of its sentence, which the model must
+    find elsewhere in the document: knowledge that lives in the encoder's attention (docs/transfer.md explains why
+    plain filler text was not enough). `split` "train" or "heldout"; deterministic per setup."""
+    from scrolls_ssm.synthetic import filler_sentence
 
-    folder = out / "corpus"
-    marker = folder / "setup.json"
-    settings = json.dumps(setup.stand_in_key(), sort_keys=True)
-    if not (marker.is_file() and marker.read_text() == settings):
-        write_synthetic_scrolls(
-            folder,
-            num_train=setup.corpus_documents,
-            num_validation=max(1, setup.heldout_documents // 3 + 1),
-            num_test=1,
-            doc_words=setup.doc_words,
-            seed=setup.seed + 1,  # not the fine-tuning task's documents
-        )
-        marker.write_text(settings)
-    return folder
-
-
-def documents(folder: Path, split: str) -> list[str]:
-    from scrolls_ssm.transfer import read_documents
-
-    return read_documents(sorted(folder.glob(f"*/{split}.jsonl")))
+    rng = random.Random(f"{split}-{setup.seed}")
+    count = setup.corpus_documents if split == "train" else setup.heldout_documents
+    texts = []
+    for _ in range(count):
+        sentences = [filler_sentence(rng) for _ in range(setup.sentences_per_document)] * setup.restatements
+        rng.shuffle(sentences)
+        texts.append(" ".join(sentences))
+    return texts
 
 
 def stand_in(setup: Setup, out: Path) -> Path:
@@ -163,7 +161,7 @@ def stand_in(setup: Setup, out: Path) -> Path:
     settings = json.dumps(setup.stand_in_key(), sort_keys=True)
     if (folder / "setup.json").is_file() and (folder / "setup.json").read_text() == settings:
         return folder
-    texts = documents(corpus(setup, out), "train")
+    texts = corpus(setup, "train")
     staging = out / ".stand-in.training"
     shutil.rmtree(staging, ignore_errors=True)
     tokenizer = train_sentencepiece_tokenizer(texts, staging / "_sentencepiece", vocab_size=setup.vocab_size)
@@ -181,6 +179,7 @@ def stand_in(setup: Setup, out: Path) -> Path:
         decoder_ffn_dim=setup.ffn_dim,
         max_position_embeddings=setup.length,
         dropout=0.0,
+        init_std=setup.init_std,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -190,7 +189,7 @@ def stand_in(setup: Setup, out: Path) -> Path:
     model = BartForConditionalGeneration(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=setup.pretrain_lr, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, setup.pretrain_steps // 20, setup.pretrain_steps)
-    heldout = denoising_batches(documents(corpus(setup, out), "validation"), tokenizer, setup.length, 8192, seed=99)
+    heldout = denoising_batches(corpus(setup, "heldout"), tokenizer, setup.length, 8192, seed=99)
     model.train()
     step, epoch, started = 0, 0, time.monotonic()
     while step < setup.pretrain_steps:
@@ -383,10 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         base, transfer_texts, heldout_texts = args.base, read_documents(args.documents), read_documents(args.heldout)
     else:
         base = str(stand_in(setup, work))
-        transfer_texts = documents(work / "corpus", "train")[
-            :: max(1, 3 * setup.corpus_documents // setup.transfer_documents)
-        ]
-        heldout_texts = documents(work / "corpus", "validation")[: setup.heldout_documents]
+        transfer_texts = corpus(setup, "train")[: setup.transfer_documents]
+        heldout_texts = corpus(setup, "heldout")
     tokenizer = AutoTokenizer.from_pretrained(base)
     heldout = denoising_batches(heldout_texts, tokenizer, setup.length, 8192, seed=99)
     original_dir = work / "models" / "original"
