@@ -14,11 +14,14 @@ swapped versions are scored on identical inputs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+
+T = TypeVar("T")
 
 
 def text_infilling(
@@ -71,7 +74,7 @@ def denoising_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """Documents as text-infilling batches: `input_ids` / `attention_mask` the noised document (cut to `max_length`
     tokens first), `labels` the clean one (padding -100). Sorted by length and grouped under `max_tokens` tokens per
-    batch (the longer of input and labels, padding included). The noise is fixed by `seed`, so every model scored
+    batch (counted on the clean documents, padding included). The noise is fixed by `seed`, so every model scored
     on these batches sees the same inputs. The tokenizer needs a mask token (BART's `<mask>`)."""
     if tokenizer.mask_token_id is None:
         raise ValueError(
@@ -83,18 +86,24 @@ def denoising_batches(
     clean = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts if text.strip()]
     if not clean:
         raise ValueError("denoising needs at least one non-empty document.")
-    pairs = sorted(
-        ((text_infilling(ids, tokenizer.mask_token_id, generator, mask_ratio, poisson_lambda), ids) for ids in clean),
-        key=lambda pair: len(pair[1]),
-    )
-    batches, current = [], []
-    for pair in pairs:
-        if current and len(pair[1]) * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(pair)
-    batches.append(current)
+    mask = tokenizer.mask_token_id
+    pairs = [(text_infilling(ids, mask, generator, mask_ratio, poisson_lambda), ids) for ids in clean]
+    batches = group_under_budget(pairs, lambda pair: len(pair[1]), max_tokens)
     return [_pad(batch, tokenizer.pad_token_id) for batch in batches]
+
+
+def group_under_budget(items: Sequence[T], length: Callable[[T], int], max_tokens: int) -> list[list[T]]:
+    """`items` sorted by `length` and cut into consecutive groups of at most `max_tokens` tokens, padding to the
+    group's longest item included (an item longer than the budget makes a group of its own)."""
+    groups: list[list[T]] = []
+    current: list[T] = []
+    for item in sorted(items, key=length):
+        if current and length(item) * (len(current) + 1) > max_tokens:
+            groups.append(current)
+            current = []
+        current.append(item)
+    groups.append(current)
+    return groups
 
 
 def _pad(pairs: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .checkpointing import kill_point
 from .config import TransferConfig
 from .convert import swap_encoder, tile_positions
+from .denoising import denoising_batches, denoising_loss, encoder_similarity, group_under_budget
 from .modeling.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
 
 
@@ -133,16 +134,9 @@ def text_batches(
     """Unlabeled documents as encoder batches: tokenized (cut to `max_length` tokens), sorted by length and grouped
     so that a batch holds at most `max_tokens` tokens, padding included."""
     encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts if text.strip()]
-    encoded.sort(key=len)
     if not encoded:
         raise ValueError("transfer needs at least one non-empty document.")
-    batches, current = [], []
-    for ids in encoded:
-        if current and len(ids) * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(ids)
-    batches.append(current)
+    batches = group_under_budget(encoded, len, max_tokens)
     return [dict(tokenizer.pad({"input_ids": batch}, return_tensors="pt")) for batch in batches]
 
 
@@ -446,8 +440,6 @@ def run_transfer(
     `report_batches` batches, and each stage's log. `work_dir` keeps each stage's checkpoint
     (`attention_transfer.pt`, `output_distillation.pt`): a call that finds them resumes from them.
     Used by `scrolls-ssm convert` and by the recipe stage `transfer:` (train.py)."""
-    from .denoising import denoising_batches, denoising_loss, encoder_similarity
-
     device = next(student.parameters()).device
     teacher = attention_teacher(base, student, attention_window=settings.teacher_window).to(device)
     work = Path(work_dir) if work_dir is not None else None
@@ -461,10 +453,8 @@ def run_transfer(
             )
     batches = text_batches(documents, tokenizer, max_length, max_tokens_per_batch)
     probe = batches[:report_batches]
-    before = {
-        "relative_error": layer_errors(student, teacher, probe),
-        "cosine": encoder_similarity(student, teacher, probe),
-    }
+    report["relative_error_before"] = layer_errors(student, teacher, probe)
+    report["encoder_cosine_before"] = encoder_similarity(student, teacher, probe)
     if settings.steps:
         log = transfer_attention(
             student,
@@ -506,10 +496,6 @@ def run_transfer(
             },
             "log": log,
         }
-    after = {
-        "relative_error": layer_errors(student, teacher, probe),
-        "cosine": encoder_similarity(student, teacher, probe),
-    }
-    report["relative_error_before"], report["relative_error_after"] = before["relative_error"], after["relative_error"]
-    report["encoder_cosine_before"], report["encoder_cosine_after"] = before["cosine"], after["cosine"]
+    report["relative_error_after"] = layer_errors(student, teacher, probe)
+    report["encoder_cosine_after"] = encoder_similarity(student, teacher, probe)
     return report
