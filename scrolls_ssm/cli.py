@@ -168,10 +168,10 @@ def _run_convert(args: argparse.Namespace) -> int:
             f"--layers {args.layers}: unknown mixer kind(s) {unknown}. Fix: one of {', '.join(MIXER_KINDS)} per "
             "encoder layer, comma-separated, e.g. --layers s4d,s4d,s4d,s4d,s4d,attention."
         )
-    if args.reuse_weights and "mamba2" not in layers:
+    if args.reuse_weights and not {"mamba", "mamba2"} & set(layers):
         raise CommandLineError(
-            f"--reuse-weights: --layers {args.layers} has no mamba2 layer, the only kind with a weight map. "
-            "Fix: drop --reuse-weights or swap some layers to mamba2."
+            f"--reuse-weights: --layers {args.layers} has no mamba or mamba2 layer, the only kinds with a weight "
+            "map. Fix: drop --reuse-weights or swap some layers to mamba or mamba2."
         )
     if args.distill_steps and not args.transfer_data:
         raise CommandLineError("--distill-steps distills on documents. Fix: give them with --transfer-data.")
@@ -368,7 +368,8 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--reuse-weights",
         action="store_true",
-        help="initialize mamba2 layers from the attention they replace (x<-V, B<-K, C<-Q, out<-O), before transfer",
+        help="initialize mamba and mamba2 layers from the attention they replace (x<-V, B<-K, C<-Q, out<-O) "
+        "before transfer",
     )
     convert.add_argument(
         "--distill-steps",

@@ -115,7 +115,8 @@ class TransferConfig:
     # Layer-wise attention transfer: optimizer steps (0: skip) and AdamW learning rate.
     steps: int = 0
     learning_rate: float = 1e-3
-    # Start every mamba2 layer from the attention it replaces (x <- V, B <- K, C <- Q, out <- O) before transfer.
+    # Start every mamba / mamba2 layer from the attention it replaces (x <- V, B <- K, C <- Q, out <- O) before
+    # transfer.
     reuse_weights: bool = False
     # Unlabeled documents: SCROLLS .jsonl files (their inputs) or text files; null: the training inputs of data.tasks.
     documents: list[str] | None = None

@@ -52,33 +52,56 @@ def attention_teacher(
 def reuse_attention_weights(
     student: ScrollsSSMForConditionalGeneration, teacher: ScrollsSSMForConditionalGeneration
 ) -> list[int]:
-    """Initialize every `mamba2` layer of the student from the attention it replaces, as "The Mamba in the Llama"
-    (Wang et al. 2024) does: the SSM input x from the value projection, B from the key, C from the query, and the
-    output projection from the attention's output projection. Mamba-2 computes y_t = sum_s decay(t, s) C_t . B_s x_s,
-    attention's form with a decay in place of the softmax, so this starts it near a linear attention with the
-    pretrained projections.
+    """Initialize every `mamba2` and `mamba` layer of the student from the attention it replaces, as "The Mamba in the
+    Llama" (Wang et al. 2024) does: the SSM input x from the value projection, B from the key, C from the query, and
+    the output projection from the attention's output projection. A selective SSM computes
+    y_t = sum_s decay(t, s) (C_t . B_s) x_s, attention's form with a decay in place of the softmax, so this starts it
+    near a linear attention with the pretrained projections. Returns the layers it initialized.
 
-    Where the sizes differ, the source rows are tiled (x has `mamba2_expand` x d_model rows, B and C have
-    `mamba2_d_state`, the first heads' rows), and only the first d_model input channels of the output projection are
-    used (the rest start at zero). Biases are dropped (Mamba-2's projections have none); the gate z, the convolution,
-    dt, A and D keep their own initialization. Returns the layers it initialized. Measured on a tiny random-init BART
-    (tests/test_transfer.py): the relative error against the attention starts lower and stays lower after transfer.
+    Where the sizes differ, the source rows are tiled (x has `expand` x d_model rows, B and C have `d_state`, the
+    first heads' rows), and only the first d_model input channels of the output projection are used (the rest start
+    at zero). Biases are dropped (the mixers' projections have none); the gate z, the convolution, dt, A and D keep
+    their own initialization. Mamba-2 reads B and C from the layer input (rows of `in_proj`); Mamba-1 reads them from
+    x after its convolution (rows of each direction's `x_proj`), so there they are the least-squares maps from the
+    value space, K pinv(V) and Q pinv(V): exact for B = K h when x = V h, approximate after the convolution and SiLU.
     """
+    maps = {"mamba2": _reuse_in_mamba2, "mamba": _reuse_in_mamba}
     done = []
     for index in swapped_layers(student):
-        if student.config.encoder_layer_types[index] != "mamba2":
-            continue
-        mixer, attention = student.get_encoder().layers[index].mixer, teacher.get_encoder().layers[index].mixer
-        d_inner, d_state, d_model = mixer.d_inner, mixer.d_state, attention.q_proj.weight.shape[1]
-        with torch.no_grad():
-            rows = mixer.in_proj.weight  # (z, x, B, C, dt) stacked
-            rows[d_inner : 2 * d_inner] = tile_positions(attention.v_proj.weight, d_inner)
-            rows[2 * d_inner : 2 * d_inner + d_state] = tile_positions(attention.k_proj.weight, d_state)
-            rows[2 * d_inner + d_state : 2 * d_inner + 2 * d_state] = tile_positions(attention.q_proj.weight, d_state)
-            mixer.out_proj.weight.zero_()
-            mixer.out_proj.weight[:, :d_model] = attention.out_proj.weight
-        done.append(index)
+        kind = student.config.encoder_layer_types[index]
+        if kind in maps:
+            with torch.no_grad():
+                maps[kind](student.get_encoder().layers[index].mixer, teacher.get_encoder().layers[index].mixer)
+            done.append(index)
     return done
+
+
+def _reuse_in_mamba2(mixer: nn.Module, attention: nn.Module) -> None:
+    d_inner, d_state = mixer.d_inner, mixer.d_state
+    rows = mixer.in_proj.weight  # (z, x, B, C, dt) stacked
+    rows[d_inner : 2 * d_inner] = tile_positions(attention.v_proj.weight, d_inner)
+    rows[2 * d_inner : 2 * d_inner + d_state] = tile_positions(attention.k_proj.weight, d_state)
+    rows[2 * d_inner + d_state : 2 * d_inner + 2 * d_state] = tile_positions(attention.q_proj.weight, d_state)
+    _reuse_output(mixer.out_proj, attention)
+
+
+def _reuse_in_mamba(mixer: nn.Module, attention: nn.Module) -> None:
+    d_inner = mixer.out_proj.weight.shape[1]
+    value = tile_positions(attention.v_proj.weight, d_inner)  # (d_inner, d_model)
+    mixer.in_proj.weight[:d_inner] = value  # (x, z) stacked
+    from_value = torch.linalg.pinv(value.double())  # (d_model, d_inner): x -> the layer input it came from
+    for direction in (mixer.forward_ssm, mixer.backward_ssm):
+        rank, d_state = direction.dt_rank, direction.d_state
+        rows = direction.x_proj.weight  # (dt, B, C) stacked, each reading x
+        for offset, source in ((rank, attention.k_proj.weight), (rank + d_state, attention.q_proj.weight)):
+            rows[offset : offset + d_state] = (tile_positions(source, d_state).double() @ from_value).to(rows.dtype)
+    _reuse_output(mixer.out_proj, attention)
+
+
+def _reuse_output(out_proj: nn.Linear, attention: nn.Module) -> None:
+    d_model = attention.out_proj.weight.shape[1]
+    out_proj.weight.zero_()
+    out_proj.weight[:, :d_model] = attention.out_proj.weight
 
 
 def swapped_layers(student: ScrollsSSMForConditionalGeneration) -> list[int]:
@@ -448,8 +471,8 @@ def run_transfer(
         report["reused_weights_in_layers"] = reuse_attention_weights(student, teacher)
         if not report["reused_weights_in_layers"]:
             raise ValueError(
-                f"reuse_weights: the layout {student.config.encoder_layer_types} has no mamba2 layer, the only kind "
-                "with a weight map. Fix: turn weight reuse off or swap some layers to mamba2."
+                f"reuse_weights: the layout {student.config.encoder_layer_types} has no mamba or mamba2 layer, the "
+                "only kinds with a weight map. Fix: turn weight reuse off or swap some layers to mamba or mamba2."
             )
     batches = text_batches(documents, tokenizer, max_length, max_tokens_per_batch)
     probe = batches[:report_batches]
