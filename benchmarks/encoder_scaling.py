@@ -255,7 +255,8 @@ def measure(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
     else:
-        baseline, reset_worked = _rss_bytes(), _reset_peak_rss()
+        reset_worked = _reset_peak_rss()  # first, so that the baseline is read after the mark moved to the current RSS
+        baseline = _rss_bytes()
     flops = count_flops(step)  # doubles as the untimed warm-up step, so the counter's overhead costs nothing
     times, cpu_times = [], []
     for _ in range(spec["repeats"]):
@@ -268,7 +269,9 @@ def measure(spec: dict) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - baseline
     else:
-        peak = _peak_rss_bytes(reset_worked) - baseline
+        # Pages the allocator hands back between the two reads can put the mark a few kB under the baseline: that is
+        # no growth, not negative growth.
+        peak = max(0, _peak_rss_bytes(reset_worked) - baseline)
 
     median = statistics.median(times)
     return {
