@@ -178,7 +178,8 @@ def _ssd_inputs(length=37, groups=1, with_initial=False, batch=2, heads=4, head_
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
 @pytest.mark.parametrize("with_initial", [False, True])
-@pytest.mark.parametrize(("length", "chunk_size"), [(37, 8), (32, 8), (1, 4), (5, 16)])
+# (75, 4): 19 chunks, more than one checkpointed piece of the intra-chunk term (ops_ssd.CHUNKS_PER_PIECE = 8)
+@pytest.mark.parametrize(("length", "chunk_size"), [(37, 8), (32, 8), (1, 4), (5, 16), (75, 4)])
 def test_ssd_scan_matches_recurrence(groups, with_initial, length, chunk_size):
     inputs = _ssd_inputs(length, groups, with_initial)
     expected, expected_state = ssd_reference(**inputs)
@@ -188,10 +189,12 @@ def test_ssd_scan_matches_recurrence(groups, with_initial, length, chunk_size):
     torch.testing.assert_close(state.double(), expected_state, rtol=1e-4, atol=1e-4)
 
 
-def test_ssd_scan_gradients_match_recurrence():
-    inputs = {k: v.requires_grad_() for k, v in _ssd_inputs(length=19, groups=2, with_initial=True).items()}
-    weight = torch.randn(2, 19, 4, 3, generator=_seeded(4), dtype=torch.float64)
-    Y, state = ssd_scan(**inputs, chunk_size=8)
+@pytest.mark.parametrize(("length", "chunk_size"), [(19, 8), (75, 4)])
+def test_ssd_scan_gradients_match_recurrence(length, chunk_size):
+    """Also through the recomputation in backward, over several pieces (75 steps in chunks of 4: 19 chunks)."""
+    inputs = {k: v.requires_grad_() for k, v in _ssd_inputs(length=length, groups=2, with_initial=True).items()}
+    weight = torch.randn(2, length, 4, 3, generator=_seeded(4), dtype=torch.float64)
+    Y, state = ssd_scan(**inputs, chunk_size=chunk_size)
     grads = torch.autograd.grad((Y * weight).sum() + state.sum(), list(inputs.values()))
     expected, expected_state = ssd_reference(**inputs)
     expected_grads = torch.autograd.grad((expected * weight).sum() + expected_state.sum(), list(inputs.values()))

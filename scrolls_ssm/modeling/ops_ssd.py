@@ -8,14 +8,20 @@ With a scalar decay per head the recurrence
 is, inside a chunk of Q steps, a masked (Q, Q) attention-like matrix product, and between chunks a short scan
 over chunk states. Everything is batched matrix products, so 16K tokens train in seconds on a CPU.
 
-Numerics: every decay is exp of a segment sum built by a masked cumulative sum (sum over steps j+1..i, never a
-difference of two long cumulative sums and never exp(-cumsum)), and chunks are at most 256 steps long.
+Numerics: every decay is exp of a sum over steps inside one chunk (at most 256 of them), taken as a difference of two
+cumulative sums that start at the chunk's first step, never of sums over the whole sequence and never exp(-cumsum);
+between chunks the state is carried by a scan, one chunk at a time.
+
+Memory and time: the (Q, Q) decay-times-scores matrices, one per head and chunk, are the scan's largest tensors; they
+are recomputed in backward (activation checkpointing of the intra-chunk term) instead of kept, and the pass between
+chunks is linear in their number.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .ops_s4d import leading_positions
 
@@ -66,36 +72,96 @@ def ssd_scan(
             # (batch, heads, ...) -> (batch, groups, heads per group, ...), to meet B and C's groups
             return x.unflatten(1, (groups, per_group))
 
-        # Within a chunk: Y_i += sum_{j <= i} (C_i . B_j) exp(A_{j+1} + ... + A_i) X_j. C . B is the same for all the
-        # heads of a group, so it is computed once per group.
-        decay = torch.exp(_segment_sum(A_c))  # (batch, heads, chunks, Q, Q), zero above the diagonal
-        scores = C_c @ B_c.transpose(-1, -2)  # (batch, groups, chunks, Q, Q)
-        Y = (by_group(decay) * scores[:, :, None]).flatten(1, 2) @ X_c  # (batch, heads, chunks, Q, head_dim)
+        # Each chunk's own cumulative log-decay, A_1 + ... + A_i: a sum of at most Q <= 256 steps that starts at the
+        # chunk's first step. Every decay below is exp of a difference of two of them, or of one of them.
+        A_cum = torch.cumsum(A_c, dim=-1)  # (batch, heads, chunks, Q)
+
+        # Within a chunk: Y_i = sum_{j <= i} (C_i . B_j) exp(A_{j+1} + ... + A_i) X_j. Its (Q, Q) tensors per head
+        # are recomputed in backward rather than kept: they are most of the memory the scan would otherwise hold.
+        Y = _within_chunks_in_pieces(X_c, A_cum, B_c, C_c)
 
         # Each chunk's own final state, from a zero state: sum_j exp(A_{j+1} + ... + A_Q) X_j (outer) B_j.
-        decay_to_end = decay[..., -1, :, None]  # (batch, heads, chunks, Q, 1): the last row of the segment sums
+        decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)[..., None]  # (batch, heads, chunks, Q, 1)
         weighted = by_group((X_c * decay_to_end).transpose(-1, -2))  # (batch, groups, per group, chunks, P, Q)
         chunk_states = (weighted @ B_c[:, :, None]).flatten(1, 2)  # (batch, heads, chunks, head_dim, d_state)
 
         # Between chunks: the state entering each chunk, from the initial state and all earlier chunks.
         if initial_states is None:
             initial_states = X.new_zeros(batch, heads, head_dim, d_state, dtype=compute)
-        states = torch.cat([initial_states.to(compute)[:, :, None], chunk_states], dim=2)  # (.., 1 + chunks, P, N)
-        chunk_totals = F.pad(A_c.sum(-1), (1, 0))  # (batch, heads, 1 + chunks): a chunk's summed log-decay
-        chunk_decay = torch.exp(_segment_sum(chunk_totals))  # (batch, heads, 1 + chunks, 1 + chunks)
-        # (batch, heads, 1 + chunks, head_dim * d_state) -> (batch, heads, 1 + chunks, head_dim, d_state)
-        states = (chunk_decay @ states.flatten(3)).unflatten(3, (head_dim, d_state))
-        entering, final_state = states[:, :, :-1], states[:, :, -1]
+        entering, final_state = _across_chunks(initial_states.to(compute), chunk_states, A_cum[..., -1])
 
-        # The entering state read out at step i of a chunk, decayed by exp(A_1 + ... + A_i) (a cumsum of <= Q terms
-        # that starts at the chunk's first step).
-        decay_from_start = torch.exp(torch.cumsum(A_c, dim=-1))[..., None]  # (batch, heads, chunks, Q, 1)
+        # The entering state read out at step i of a chunk, decayed by exp(A_1 + ... + A_i).
         read = C_c[:, :, None] @ by_group(entering).transpose(-1, -2)  # (batch, groups, per group, chunks, Q, P)
-        Y = Y + read.flatten(1, 2) * decay_from_start
+        Y = Y + read.flatten(1, 2) * torch.exp(A_cum)[..., None]
 
     # (batch, heads, chunks, Q, head_dim) -> (batch, chunks, Q, heads, head_dim) -> (batch, L, heads, head_dim)
     Y = leading_positions(Y.permute(0, 2, 3, 1, 4).reshape(batch, chunks * chunk_size, heads, head_dim), length, dim=1)
     return Y.to(out_dtype), final_state
+
+
+# Chunks per checkpointed piece of the intra-chunk term. The whole term at once allocates (batch, heads, chunks, Q, Q)
+# tensors afresh in every step, and at 16K tokens their first-touch page faults dominate; pieces of 8 chunks keep
+# them small enough to reuse freed pages (16K tokens, fwd + bwd on one CPU thread: 4.6 s whole, 3.1 s in pieces of 8,
+# 3.5 s of 4, 3.7 s of 16).
+CHUNKS_PER_PIECE = 8
+
+
+def _within_chunks_in_pieces(
+    X_c: torch.Tensor, A_cum: torch.Tensor, B_c: torch.Tensor, C_c: torch.Tensor
+) -> torch.Tensor:
+    """`_within_chunks` over pieces of `CHUNKS_PER_PIECE` chunks, each recomputed in backward when gradients are
+    recorded. A symbolic chunk count (torch.export) cannot be split in Python; it takes one piece."""
+    tensors = (X_c, A_cum, B_c, C_c)
+    record = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if isinstance(X_c.shape[2], int):
+        pieces = list(zip(*(t.split(CHUNKS_PER_PIECE, dim=2) for t in tensors), strict=True))
+    else:
+        pieces = [tensors]
+    outs = [
+        checkpoint(_within_chunks, *piece, use_reentrant=False) if record else _within_chunks(*piece)
+        for piece in pieces
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _within_chunks(X_c: torch.Tensor, A_cum: torch.Tensor, B_c: torch.Tensor, C_c: torch.Tensor) -> torch.Tensor:
+    """The intra-chunk term: (batch, heads, chunks, Q, head_dim). X_c: (batch, heads, chunks, Q, head_dim); A_cum:
+    (batch, heads, chunks, Q), the per-chunk cumulative log-decays; B_c, C_c: (batch, groups, chunks, Q, d_state).
+
+    decay[i, j] = exp(A_cum[i] - A_cum[j]) = exp(A_{j+1} + ... + A_i) for j <= i: a difference of two sums of at most
+    Q steps from the same start, never of sums over the whole sequence. Above the diagonal the difference is positive
+    (it could overflow) and is set to -inf before the exp. C . B is the same for all the heads of a group.
+    """
+    batch, heads, chunks, steps, _ = X_c.shape
+    groups = B_c.shape[1]
+    causal = torch.ones(steps, steps, dtype=torch.bool, device=X_c.device).tril()
+    segments = (A_cum[..., :, None] - A_cum[..., None, :]).masked_fill_(~causal, float("-inf"))
+    decay = segments.exp_().unflatten(1, (groups, heads // groups))  # (batch, groups, per group, chunks, Q, Q)
+    weights = decay * (C_c @ B_c.transpose(-1, -2))[:, :, None]
+    return weights.flatten(1, 2) @ X_c
+
+
+def _across_chunks(
+    initial: torch.Tensor, chunk_states: torch.Tensor, chunk_totals: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state entering every chunk, and the final state: state_{k+1} = exp(total_k) state_k + chunk_state_k.
+
+    initial: (batch, heads, P, N); chunk_states: (batch, heads, chunks, P, N); chunk_totals: (batch, heads, chunks),
+    each chunk's summed log-decay. A scan over the chunks, linear in their number (a dense (chunks x chunks) decay
+    matrix would be quadratic: 34 GFLOP per layer at 64K tokens). A symbolic chunk count (torch.export) cannot drive
+    a Python loop; it takes the dense form, built from a masked cumulative sum of the totals.
+    """
+    if isinstance(chunk_states.shape[2], int):
+        factors = torch.exp(chunk_totals)[..., None, None].unbind(2)
+        states, state = [], initial
+        for factor, own in zip(factors, chunk_states.unbind(2), strict=True):
+            states.append(state)
+            state = factor * state + own
+        return torch.stack(states, dim=2), state
+    states = torch.cat([initial[:, :, None], chunk_states], dim=2)  # (batch, heads, 1 + chunks, P, N)
+    decay = torch.exp(_segment_sum(F.pad(chunk_totals, (1, 0))))  # (batch, heads, 1 + chunks, 1 + chunks)
+    states = (decay @ states.flatten(3)).unflatten(3, states.shape[3:])
+    return states[:, :, :-1], states[:, :, -1]
 
 
 def _segment_sum(x: torch.Tensor) -> torch.Tensor:
