@@ -150,11 +150,33 @@ def _run_push(args: argparse.Namespace) -> int:
     return run_push(args)
 
 
+def _config_settings(pairs: Sequence[str]) -> dict:
+    """`--config KEY=VALUE ...` as config fields (values parsed as YAML); an unknown key is an error, not ignored."""
+    import yaml
+
+    from scrolls_ssm.modeling.configuration_scrolls_ssm import ScrollsSSMConfig
+
+    fields = ScrollsSSMConfig.__dataclass_fields__
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise CommandLineError(f"--config {pair!r}: expected KEY=VALUE, e.g. mamba2_ngroups=12.")
+        if key not in fields or key in ("encoder_layer_types", "max_source_positions", "encoder_positions"):
+            raise CommandLineError(
+                f"--config {pair!r}: {key!r} is not a setting --config can change. Fix: one of the mixer fields in "
+                "docs/mixers.md (e.g. s4d_d_state, mamba2_ngroups); layers and positions have their own options."
+            )
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
 def _run_convert(args: argparse.Namespace) -> int:
     """Swap a BART / LED checkpoint's encoder and, with --transfer-data, transfer its attention into the new mixers."""
     import shutil
 
     import torch
+    from huggingface_hub.errors import StrictDataclassError
 
     from scrolls_ssm.config import TransferConfig
     from scrolls_ssm.convert import swap_encoder
@@ -180,10 +202,14 @@ def _run_convert(args: argparse.Namespace) -> int:
         raise CommandLineError(f"--out {out}: the folder is not empty. Fix: another --out, or --overwrite.")
     documents = read_documents(args.transfer_data) if args.transfer_data else None
     torch.manual_seed(args.seed)  # the new mixers' initialization
-    overrides = {"encoder_positions": args.encoder_positions}
-    model, tokenizer = swap_encoder(
-        args.base, layers, max_source_positions=args.max_source_positions, return_tokenizer=True, **overrides
-    )
+    overrides = {"encoder_positions": args.encoder_positions, **_config_settings(args.config)}
+    try:
+        model, tokenizer = swap_encoder(
+            args.base, layers, max_source_positions=args.max_source_positions, return_tokenizer=True, **overrides
+        )
+    except StrictDataclassError as error:  # a --config value the model's config rejects
+        text = " ".join(str(error.__cause__ or error).split())
+        raise CommandLineError(f"--config: {text} Fix: change that value in --config.") from error
     report = {"base": args.base, "layers": layers, "max_source_positions": args.max_source_positions}
     # The stages' checkpoints live beside --out until it is written: the same command, run again, resumes them.
     state_dir = out.with_name(f".{out.name}.transfer-state")
@@ -351,6 +377,13 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["learned", "none"],
         default="learned",
         help="keep the learned position table (tiled) or drop it (state-space layouts; see docs/architecture.md)",
+    )
+    convert.add_argument(
+        "--config",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="mixer settings of the new model, e.g. mamba2_ngroups=12 mamba2_d_state=64 (docs/mixers.md)",
     )
     convert.add_argument("--transfer-data", nargs="+", help="SCROLLS .jsonl files (their inputs) or text files")
     convert.add_argument("--transfer-steps", type=_positive_int, default=1000, help="optimizer steps of transfer")

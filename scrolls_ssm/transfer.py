@@ -58,9 +58,11 @@ def reuse_attention_weights(
     y_t = sum_s decay(t, s) (C_t . B_s) x_s, attention's form with a decay in place of the softmax, so this starts it
     near a linear attention with the pretrained projections. Returns the layers it initialized.
 
-    Where the sizes differ, the source rows are tiled (x has `expand` x d_model rows, B and C have `d_state`, the
-    first heads' rows), and only the first d_model input channels of the output projection are used (the rest start
-    at zero). Biases are dropped (the mixers' projections have none); the gate z, the convolution, dt, A and D keep
+    With `mamba2_ngroups` = the attention's heads and `mamba2_d_state` = its head size, the map is per head: group g
+    of Mamba-2 heads takes head g's K, Q and V rows and its block of O. Otherwise, where the sizes differ, the source
+    rows are tiled (x has `expand` x d_model rows, B and C have `ngroups * d_state`, the first heads' rows), and only
+    the first d_model input channels of the output projection are used (the rest start at zero).
+    Biases are dropped (the mixers' projections have none); the gate z, the convolution, dt, A and D keep
     their own initialization. Mamba-2 reads B and C from the layer input (rows of `in_proj`); Mamba-1 reads them from
     x after its convolution (rows of each direction's `x_proj`), so there they are the least-squares maps from the
     value space, K pinv(V) and Q pinv(V): exact for B = K h when x = V h, approximate after the convolution and SiLU.
@@ -77,12 +79,36 @@ def reuse_attention_weights(
 
 
 def _reuse_in_mamba2(mixer: nn.Module, attention: nn.Module) -> None:
+    if mixer.groups == attention.num_heads and mixer.d_state == attention.head_dim:
+        _reuse_in_mamba2_per_head(mixer, attention)
+        return
     d_inner, d_state = mixer.d_inner, mixer.d_state
     rows = mixer.in_proj.weight  # (z, x, B, C, dt) stacked
     rows[d_inner : 2 * d_inner] = tile_positions(attention.v_proj.weight, d_inner)
-    rows[2 * d_inner : 2 * d_inner + d_state] = tile_positions(attention.k_proj.weight, d_state)
-    rows[2 * d_inner + d_state : 2 * d_inner + 2 * d_state] = tile_positions(attention.q_proj.weight, d_state)
+    bc_width = mixer.groups * d_state
+    rows[2 * d_inner : 2 * d_inner + bc_width] = tile_positions(attention.k_proj.weight, bc_width)
+    rows[2 * d_inner + bc_width : 2 * d_inner + 2 * bc_width] = tile_positions(attention.q_proj.weight, bc_width)
     _reuse_output(mixer.out_proj, attention)
+
+
+def _reuse_in_mamba2_per_head(mixer: nn.Module, attention: nn.Module) -> None:
+    """One group of Mamba-2 heads per attention head g, with d_state = the head size: group g's B rows are head g's
+    K rows and its C rows head g's Q rows (exactly), each of its heads reads head g's V rows as x (tiled to the head
+    size), and `out_proj` gives each of them head g's block of O, divided by the heads per group (their mean)."""
+    d_inner, bc_width, head = mixer.d_inner, mixer.groups * mixer.d_state, attention.head_dim
+    per_group = mixer.heads // mixer.groups
+    rows = mixer.in_proj.weight  # (z, x, B, C, dt) stacked
+    rows[2 * d_inner : 2 * d_inner + bc_width] = attention.k_proj.weight
+    rows[2 * d_inner + bc_width : 2 * d_inner + 2 * bc_width] = attention.q_proj.weight
+    mixer.out_proj.weight.zero_()
+    group_width = per_group * mixer.head_dim  # the x rows (and out_proj columns) of one group's heads
+    for g in range(mixer.groups):
+        value = attention.v_proj.weight[g * head : (g + 1) * head]
+        start = d_inner + g * group_width
+        rows[start : start + group_width] = torch.cat([tile_positions(value, mixer.head_dim)] * per_group)
+        output = attention.out_proj.weight[:, g * head : (g + 1) * head] / per_group
+        columns = mixer.out_proj.weight[:, g * group_width : (g + 1) * group_width]
+        columns.copy_(torch.cat([tile_positions(output.T, mixer.head_dim).T] * per_group, dim=1))
 
 
 def _reuse_in_mamba(mixer: nn.Module, attention: nn.Module) -> None:

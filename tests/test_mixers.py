@@ -10,9 +10,10 @@ from scrolls_ssm.modeling.mixer_base import optim_hints
 from scrolls_ssm.modeling.mixers import MIXERS, build_mixer
 
 D_MODEL = 32
-# Every kind, plus block-local attention with a window shorter than the test sequences.
+# Every kind, plus block-local attention with a window shorter than the test sequences and Mamba-2 with 2 groups.
 CASES = [pytest.param(kind, {}, id=kind) for kind in MIXERS] + [
-    pytest.param("attention", {"attention_window": 4}, id="attention-window4")
+    pytest.param("attention", {"attention_window": 4}, id="attention-window4"),
+    pytest.param("mamba2", {"mamba2_ngroups": 2}, id="mamba2-2groups"),
 ]
 
 

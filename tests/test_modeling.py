@@ -58,6 +58,10 @@ def test_config_defaults_and_json_round_trip(tmp_path):
             "encoder_positions='rotary' is invalid: expected one of ['learned', 'none']",
         ),
         (dict(d_model=30, encoder_attention_heads=4), "encoder_attention_heads=4"),
+        (
+            dict(d_model=32, encoder_layers=1, encoder_layer_types=["mamba2"], mamba2_headdim=16, mamba2_ngroups=3),
+            "mamba2_ngroups=3 is invalid: expected a divisor of the Mamba-2 head count",
+        ),
     ],
 )
 def test_config_rejects_bad_values_naming_field_and_value(fields, message):

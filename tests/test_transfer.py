@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BartForConditionalGeneration
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, BartForConditionalGeneration
 
 from scrolls_ssm import swap_encoder
 from scrolls_ssm.transfer import (
@@ -149,6 +149,32 @@ def test_convert_command_errors_name_the_option_and_the_fix(base, tmp_path, caps
     assert "--reuse-weights: --layers s4d,attention has no mamba or mamba2 layer" in capsys.readouterr().err
     assert main([*common, "--layers", "mamba2,attention", "--reuse-weights", "--out", str(tmp_path / "d")]) == 0
     assert json.loads((tmp_path / "d" / "conversion.json").read_text())["reused_weights_in_layers"] == [0]
+    assert (
+        main([*common, "--layers", "mamba2,attention", "--config", "mamba2_groups=4", "--out", str(tmp_path / "e")])
+        == 2
+    )
+    assert "'mamba2_groups' is not a setting --config can change" in capsys.readouterr().err
+    assert (
+        main([*common, "--layers", "mamba2,attention", "--config", "mamba2_ngroups", "--out", str(tmp_path / "e")])
+        == 2
+    )
+    assert "--config 'mamba2_ngroups': expected KEY=VALUE" in capsys.readouterr().err
+    assert (
+        main([*common, "--layers", "mamba2,attention", "--config", "mamba2_ngroups=3", "--out", str(tmp_path / "e")])
+        == 2
+    )
+    assert "mamba2_ngroups=3 is invalid: expected a divisor of the Mamba-2 head count" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+    per_head = ["--config", "mamba2_ngroups=4", "mamba2_d_state=8", "mamba2_headdim=8"]
+    assert (
+        main([*common, "--layers", "mamba2,attention", "--reuse-weights", *per_head, "--out", str(tmp_path / "f")])
+        == 0
+    )
+    converted = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "f")
+    assert (converted.config.mamba2_ngroups, converted.config.mamba2_d_state) == (4, 8)
+    key_rows = converted.get_encoder().layers[0].mixer.in_proj.weight[128:160]  # after z and x: 2 x 64 rows
+    source = BartForConditionalGeneration.from_pretrained(base).get_encoder().layers[0].self_attn.k_proj.weight
+    torch.testing.assert_close(key_rows, source, rtol=0, atol=0)  # the per-head map: B is K, all heads
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "fine"}\n{"text": "no input"}\n')
     argv = [*common, "--layers", "s4d,attention", "--transfer-data", str(bad), "--out", str(tmp_path / "b")]
@@ -187,6 +213,49 @@ def test_weight_reuse_maps_v_k_q_o_into_mamba2_and_starts_closer(base):
     after = student.get_encoder().layers[1].state_dict()
     assert all(torch.equal(after[name], tensor) for name, tensor in s4d_before.items())  # the s4d layer: untouched
     assert errors[True] < 0.7 * errors[False], errors  # measured: 1,209 against 2,023
+
+
+def test_per_head_weight_reuse_gives_each_group_its_heads_k_q_v_and_o(base):
+    """With one group of Mamba-2 heads per attention head and d_state = the head size (4 heads of 8 in the tiny BART;
+    8 Mamba-2 heads of 8, so 2 per group): group g's B and C rows are head g's K and Q rows, both heads of group g
+    read head g's V rows, and out_proj gives each of them head g's block of O, halved. Measured (seed 0, relative
+    error before / after 150 transfer steps): per-head 560 / 0.559, the tiled map (one group, d_state 64)
+    1,212 / 0.541, random 2,066 / 0.702. The per-head map starts closest; after transfer it beats random, and the
+    tiled layout's 8x larger state catches up with it."""
+    from scrolls_ssm.transfer import reuse_attention_weights
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    train = text_batches(_documents(48, seed=0), tokenizer, max_length=64, max_tokens=256)
+    held_out = text_batches(_documents(16, seed=1), tokenizer, max_length=64, max_tokens=256)
+    per_head = dict(mamba2_ngroups=4, mamba2_d_state=8, mamba2_headdim=8)
+    starts = {
+        "random": (False, per_head), "per-head": (True, per_head), "tiled": (True, dict(mamba2_headdim=8)),
+    }  # fmt: skip
+    before, after = {}, {}
+    for name, (reuse, sizes) in starts.items():
+        torch.manual_seed(0)
+        student = swap_encoder(base, ["mamba2", "attention"], max_source_positions=64, **sizes)
+        teacher = attention_teacher(base, student)
+        if reuse:
+            assert reuse_attention_weights(student, teacher) == [0]
+        if name == "per-head":
+            mixer, attention = student.get_encoder().layers[0].mixer, teacher.get_encoder().layers[0].mixer
+            v, k, q, o = (getattr(attention, p).weight for p in ("v_proj", "k_proj", "q_proj", "out_proj"))
+            rows, d_inner = mixer.in_proj.weight, mixer.d_inner
+            assert (mixer.groups, mixer.heads, mixer.d_state, attention.head_dim) == (4, 8, 8, 8)
+            torch.testing.assert_close(rows[2 * d_inner : 2 * d_inner + 32], k, rtol=0, atol=0)
+            torch.testing.assert_close(rows[2 * d_inner + 32 : 2 * d_inner + 64], q, rtol=0, atol=0)
+            for h in range(8):
+                g = h // 2
+                x_rows = rows[d_inner + 8 * h : d_inner + 8 * (h + 1)]
+                torch.testing.assert_close(x_rows, v[8 * g : 8 * (g + 1)], rtol=0, atol=0)
+                columns = mixer.out_proj.weight[:, 8 * h : 8 * (h + 1)]
+                torch.testing.assert_close(columns, o[:, 8 * g : 8 * (g + 1)] / 2, rtol=0, atol=0)
+        before[name] = layer_errors(student, teacher, held_out)[0]
+        transfer_attention(student, teacher, train, steps=150, learning_rate=5e-3, progress=False)
+        after[name] = layer_errors(student, teacher, held_out)[0]
+    assert before["per-head"] < 0.6 * before["tiled"] < 0.6 * before["random"], before
+    assert after["per-head"] < 0.85 * after["random"], after
 
 
 def test_weight_reuse_maps_v_k_q_o_into_mamba_and_ends_closer_after_transfer(base):

@@ -64,6 +64,9 @@ class ScrollsSSMConfig(BartConfig):
     mamba_dt_rank: int | None = None  # rank of the dt projection; None: ceil(d_model / 16)
     mamba2_d_state: int = 64  # N of Mamba-2
     mamba2_headdim: int = 64  # Mamba-2 head size; must divide mamba2_expand * d_model
+    # Groups of heads that share B and C (Mamba-2's ngroups); must divide the head count. With one group per attention
+    # head and mamba2_d_state = the attention's head size, weight reuse maps each head's K and Q exactly.
+    mamba2_ngroups: int = 1
     mamba2_expand: int = 2  # Mamba-2's inner width is mamba2_expand * d_model
     mamba2_d_conv: int = 4  # width of Mamba-2's causal depthwise convolution
     mamba2_chunk_size: int = 128  # SSD chunk length (<= 256); 64-128 measured fastest on CPU at 16K
@@ -140,6 +143,7 @@ class ScrollsSSMConfig(BartConfig):
             "mamba_expand",
             "mamba2_d_state",
             "mamba2_headdim",
+            "mamba2_ngroups",
             "mamba2_expand",
             "mamba2_d_conv",
             "gss_expansion",
@@ -157,6 +161,13 @@ class ScrollsSSMConfig(BartConfig):
             "mamba2_headdim",
             self.mamba2_headdim,
             f"a divisor of mamba2_expand * d_model = {self.mamba2_expand} * {self.d_model} = {inner}",
+        )
+        heads = inner // self.mamba2_headdim
+        _require(
+            "mamba2" not in self.encoder_layer_types or heads % self.mamba2_ngroups == 0,
+            "mamba2_ngroups",
+            self.mamba2_ngroups,
+            f"a divisor of the Mamba-2 head count mamba2_expand * d_model / mamba2_headdim = {heads}",
         )
         _require(
             1 <= self.mamba2_chunk_size <= 256,

@@ -3,8 +3,8 @@
 Dao and Gu 2024, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State Space
 Duality". Mamba-2 restricts the state matrix to a scalar per head (A_t = -exp(A_log) * dt_t), which turns the scan
 into chunked matrix products (ops_ssd.py): far cheaper than Mamba-1 on a CPU. One input projection gives the gate z,
-the SSM input x, B, C (one group) and dt; x, B, C pass a causal depthwise convolution; a gated RMSNorm
-(RMSNorm(y * SiLU(z))) and an output projection follow.
+the SSM input x, B, C (shared by each of `mamba2_ngroups` groups of heads) and dt; x, B, C pass a causal depthwise
+convolution; a gated RMSNorm (RMSNorm(y * SiLU(z))) and an output projection follow.
 
 Bidirectional: each row's real tokens are reversed (pads stay at the end, so nothing flows from a pad into a real
 position) and the reversed copy runs in the same batch as the original, through the same weights; the two
@@ -54,9 +54,10 @@ class BiMamba2Mixer(nn.Module):
         self.d_state = config.mamba2_d_state
         self.head_dim = config.mamba2_headdim
         self.heads = self.d_inner // self.head_dim
+        self.groups = config.mamba2_ngroups
         self.chunk_size = config.mamba2_chunk_size
         self.dt_min, self.dt_max = config.ssm_dt_min, config.ssm_dt_max
-        conv_width = self.d_inner + 2 * self.d_state  # x, B and C are convolved together
+        conv_width = self.d_inner + 2 * self.groups * self.d_state  # x, B and C are convolved together
         # (z, xBC, dt) in one projection
         self.in_proj = nn.Linear(config.d_model, self.d_inner + conv_width + self.heads, bias=False)
         # applied causally by ops.causal_conv1d
@@ -85,9 +86,8 @@ class BiMamba2Mixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
-        z, xBC, dt = self.in_proj(hidden_states).split(
-            [self.d_inner, self.d_inner + 2 * self.d_state, self.heads], dim=-1
-        )
+        bc_width = self.groups * self.d_state
+        z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.d_inner + 2 * bc_width, self.heads], dim=-1)
         reverse = reverse_real_tokens(attention_mask, batch, length, hidden_states.device)
 
         def both_directions(x: torch.Tensor) -> torch.Tensor:
@@ -96,12 +96,11 @@ class BiMamba2Mixer(nn.Module):
             return torch.cat([x, gather_positions(x, reverse)])
 
         xBC = causal_conv1d(both_directions(xBC), self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
-        x, B, C = xBC.transpose(1, 2).split([self.d_inner, self.d_state, self.d_state], dim=-1)  # (2 * batch, L, .)
+        x, B, C = xBC.transpose(1, 2).split([self.d_inner, bc_width, bc_width], dim=-1)  # (2 * batch, L, .)
         dt = F.softplus(both_directions(dt).transpose(1, 2).float() + self.dt_bias.float())  # (2 * batch, L, heads)
         x = x.unflatten(-1, (self.heads, self.head_dim))  # (2 * batch, L, d_inner) -> (2 * batch, L, heads, head_dim)
-        y, _ = mamba2_scan(
-            x, dt, -torch.exp(self.A_log.float()), B[:, :, None], C[:, :, None], self.chunk_size
-        )  # B, C: (2 * batch, L, N) -> (2 * batch, L, 1 group, N)
+        B, C = (t.unflatten(-1, (self.groups, self.d_state)) for t in (B, C))  # (2 * batch, L, groups, N)
+        y, _ = mamba2_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size)
         y = y + x * self.D[:, None].to(x.dtype)
         y = y.flatten(2).transpose(1, 2)  # (2 * batch, L, heads, head_dim) -> (2 * batch, d_inner, L)
         y = y[:batch] + gather_positions(y[batch:], reverse)  # the reversed rows back in order, then added
