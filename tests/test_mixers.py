@@ -151,3 +151,17 @@ def test_ssm_dynamics_carry_optimizer_hint(kind):
     assert set(hints) <= {name for name, _ in mixer.named_parameters()}, hints
     assert any(hint.get("lr") == 2e-3 for hint in hints.values()), hints
     assert all(hint["weight_decay"] == 0.0 and hint.get("lr", 2e-3) == 2e-3 for hint in hints.values()), hints
+
+
+def test_s4d_convolution_recomputed_in_backward_gives_the_same_gradients():
+    """BidirectionalS4D recomputes its kernel and FFTs in backward (activation checkpointing): the gradients must be
+    exactly those of the plain graph."""
+    mixer = make_mixer("s4d", {})
+    ssm = mixer.ssm
+    u = torch.randn(2, D_MODEL, 24, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    weight = torch.randn(2, D_MODEL, 24, generator=torch.Generator().manual_seed(6))
+    grads = []
+    for forward in (ssm, lambda x: ssm._convolve(x) + x * ssm.D[:, None]):
+        grads.append(torch.autograd.grad((forward(u) * weight).sum(), [u, *ssm.parameters()]))
+    for checkpointed, plain in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)

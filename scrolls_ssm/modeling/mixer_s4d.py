@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 
 from .configuration_scrolls_ssm import ScrollsSSMConfig
@@ -65,8 +66,16 @@ class BidirectionalS4D(nn.Module):
         return s4d_kernel(self.log_dt, A, torch.view_as_complex(self.C.float()), length)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        y = fft_conv(u, self.kernel(u.shape[-1]), bidirectional=True)  # float32 FFTs, u's dtype back
+        if torch.is_grad_enabled() and (u.requires_grad or self.log_dt.requires_grad):
+            # The kernel, the spectra and the 2L-long convolution output are recomputed in backward instead of kept:
+            # at 16K tokens they are most of the layer's activation memory, and cheap to redo (docs/benchmarks.md).
+            y = checkpoint(self._convolve, u, use_reentrant=False)
+        else:
+            y = self._convolve(u)
         return y + u * self.D[:, None].to(u.dtype)
+
+    def _convolve(self, u: torch.Tensor) -> torch.Tensor:
+        return fft_conv(u, self.kernel(u.shape[-1]), bidirectional=True)  # float32 FFTs, u's dtype back
 
 
 class S4DMixer(nn.Module):
