@@ -236,6 +236,10 @@ def measure(spec: dict) -> dict:
 
     encoder, extra = build_encoder(spec["config"], size, length)
     encoder.to(device).train()
+    if spec.get("gradient_checkpointing"):
+        # Each block's activations recomputed in backward: what a user turns on to fit 64K tokens.
+        enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+        enable()  # transformers 5.24 renamed it; the old name warns
     inputs = {
         "input_ids": torch.randint(4, size.vocab_size, (1, length), device=device),
         "attention_mask": torch.ones(1, length, dtype=torch.long, device=device),
@@ -382,6 +386,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per run before it is killed")
     parser.add_argument("--max-rss-gb", type=float, help="worker RSS limit (default 80%% of available memory)")
     parser.add_argument("--quick", action="store_true", help=f"smoke test: lengths {QUICK_LENGTHS}, 1 repeat")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each encoder block in backward (activation checkpointing); files end in _gc",
+    )
     parser.add_argument("--resume", action="store_true", help="keep finished runs from an earlier CSV, run the rest")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -401,7 +410,8 @@ def main(argv: list[str] | None = None) -> Path:
         return Path()
     size = SIZES[args.size]
     max_rss = int((args.max_rss_gb or 0.8 * psutil.virtual_memory().available / 2**30) * 2**30)
-    stem = f"encoder_scaling_{args.device}_{args.size}" + ("_quick" if args.quick else "")
+    stem = f"encoder_scaling_{args.device}_{args.size}" + ("_gc" if args.gradient_checkpointing else "")
+    stem += "_quick" if args.quick else ""
     csv_path = args.out / f"{stem}.csv"
     previous = load_previous(csv_path) if args.resume else {}
     command = "python benchmarks/encoder_scaling.py " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -424,7 +434,10 @@ def main(argv: list[str] | None = None) -> Path:
                 continue
             spec = {"config": config, "length": length, "size": asdict(size), "device": args.device}
             started = time.monotonic()
-            result = run_worker({**spec, "repeats": args.repeats, "threads": args.threads}, args.timeout, max_rss)
+            settings = {"repeats": args.repeats, "threads": args.threads}
+            if args.gradient_checkpointing:
+                settings["gradient_checkpointing"] = True
+            result = run_worker({**spec, **settings}, args.timeout, max_rss)
             row = {**base, **result, "load_avg": round(os.getloadavg()[0], 2)}
             rows.append(row)
             wall = time.monotonic() - started
