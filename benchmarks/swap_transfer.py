@@ -515,6 +515,38 @@ def finetune_summary(curves: list[dict]) -> tuple[float | None, dict[tuple[str, 
     return target, summary
 
 
+def validity_notes(rows: list[dict]) -> list[str]:
+    """How much the stand-in's attention is worth, read off the retention rows: the share of the encoder's
+    contribution (inputs masked -> original) that a swap with random mixers loses. Where it is small, the pretrained
+    attention carried little, 'gap closed' divides by a small gap, and the comparison tests little."""
+    losses = {(row["kind"], row["variant"]): row["heldout_loss"] for row in rows}
+    original, masked = losses.get(("original", "original")), losses.get(("original", "inputs masked"))
+    if original is None or masked is None or masked <= original:
+        return []
+    gap = masked - original
+    shares = {kind: (loss - original) / gap for (kind, variant), loss in losses.items() if variant == "random"}
+    if not shares:
+        return []
+    listed = ", ".join(f"{kind} {100 * share:.0f}%" for kind, share in shares.items())
+    lines = [
+        "",
+        f"What the attention is worth: the encoder lowers the loss by {gap:.3f} (inputs masked -> "
+        f"original); swapping in random mixers gives back this share of it: {listed}.",
+    ]
+    if max(shares.values()) < WEAK_ATTENTION_SHARE:
+        lines.append(
+            f"**Below {100 * WEAK_ATTENTION_SHARE:.0f}% for every kind: this stand-in's attention carries little "
+            "(most of what its encoder gives passes through the embeddings and FFNs), so 'gap closed' divides by a "
+            "small gap and these rows cannot show whether transfer keeps what attention knew.** A stand-in whose "
+            "attention matters is the fix (docs/transfer.md)."
+        )
+    return lines
+
+
+# Below this share of the encoder's contribution lost by a random swap, the stand-in's attention is too weak to test.
+WEAK_ATTENTION_SHARE = 0.3
+
+
 def markdown(rows: list[dict], curves: list[dict], setup: Setup, args: dict) -> str:
     command = "python benchmarks/swap_transfer.py " + " ".join(
         f"--{key.replace('_', '-')} {' '.join(map(str, value)) if isinstance(value, list) else value}"
@@ -546,6 +578,7 @@ def markdown(rows: list[dict], curves: list[dict], setup: Setup, args: dict) -> 
             f"| {row['kind']} | {row['variant']} | {row['heldout_loss']:.3f} | {gap} | {cosine} "
             f"| {row.get('convert_seconds', '-')} |"
         )
+    lines += validity_notes(rows)
     if curves:
         target, summary = finetune_summary(curves)
         lines += [

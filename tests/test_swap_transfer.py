@@ -61,3 +61,21 @@ def test_the_gap_closed_is_measured_against_random_mixers(swap_transfer):
     assert gaps == {"original": None, "random": 0.0, "transfer": 0.75}
     curve = [{"step": 10, "eval_loss": 3.0}, {"step": 20, "eval_loss": 1.9}, {"step": 30, "eval_loss": 1.5}]
     assert swap_transfer.steps_to_reach(curve, 2.0) == 20 and swap_transfer.steps_to_reach(curve, 1.0) is None
+
+
+def test_the_report_says_when_the_stand_ins_attention_is_too_weak_to_test(swap_transfer):
+    """The share of the encoder's contribution (inputs masked -> original) that random mixers lose, by hand: the
+    encoder is worth 2.6 - 2.0 = 0.6; random s4d gives back 0.12 of it (20%), random mamba2 0.3 (50%)."""
+    rows = [
+        {"kind": "original", "variant": "original", "heldout_loss": 2.0},
+        {"kind": "original", "variant": "inputs masked", "heldout_loss": 2.6},
+        {"kind": "s4d", "variant": "random", "heldout_loss": 2.12},
+    ]
+    notes = "\n".join(swap_transfer.validity_notes(rows))
+    assert "lowers the loss by 0.600" in notes and "s4d 20%" in notes
+    assert "this stand-in's attention carries little" in notes
+    strong = "\n".join(
+        swap_transfer.validity_notes([*rows, {"kind": "mamba2", "variant": "random", "heldout_loss": 2.3}])
+    )
+    assert "s4d 20%, mamba2 50%" in strong and "carries little" not in strong
+    assert swap_transfer.validity_notes(rows[:1]) == []  # no masked row: nothing to say
