@@ -128,3 +128,30 @@ def test_convert_resumes_its_stages_from_checkpoints(setup, tmp_path):
     assert all(torch.equal(want[key], got[key]) for key in want)
     report = json.loads((tmp_path / "again" / "conversion.json").read_text())
     assert report["reused_weights_in_layers"] == [0] and len(report["distillation"]["log"]) == 3
+
+
+def test_two_processes_run_the_stage_once_and_train_from_its_result(setup, uninterrupted, tmp_path):
+    """`accelerate launch` with 2 CPU processes (the first runs the stage while the other waits, then loads its
+    result): the stage ends with the same transferred mixers as the one-process run (same seed and settings), its
+    checkpoints are gone, and fine-tuning runs from it to a saved model."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    base, data, _ = setup
+    out = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": str(repo), "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(repo / "run_finetune.py"), *overrides(base, data, out, *STAGE),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    one, two = (load_file(run / "transfer" / "model.safetensors") for run in (uninterrupted, out))
+    assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
+    report = json.loads((out / "transfer" / "transfer.json").read_text())
+    assert len(report["transfer"]["log"]) == 12 and not (out / "transfer" / "state").exists()
+    assert (out / "model" / "model.safetensors").is_file()
