@@ -224,6 +224,34 @@ def test_ssd_scan_rejects_bad_inputs(change, chunk_size, message):
         ssd_scan(**inputs, chunk_size=chunk_size)
 
 
+def test_mamba2_scan_in_segments_matches_the_whole_scan(monkeypatch):
+    """Past ops.SCAN_SEGMENT steps (with gradients recorded) the scan runs in segments recomputed in backward, the
+    state handed on: the same outputs, final state and gradients as one scan. 53 steps in segments of 16 (chunks of
+    8): four segments, the last one partial; with an initial state and 2 groups."""
+    g = _seeded(9)
+    inputs = {
+        "x": torch.randn(2, 53, 4, 3, generator=g, dtype=torch.float64),
+        "dt": torch.rand(2, 53, 4, generator=g, dtype=torch.float64),
+        "A": -torch.rand(4, generator=g, dtype=torch.float64),
+        "B": torch.randn(2, 53, 2, 5, generator=g, dtype=torch.float64),
+        "C": torch.randn(2, 53, 2, 5, generator=g, dtype=torch.float64),
+        "initial_states": torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64),
+    }
+    weight = torch.randn(2, 53, 4, 3, generator=g, dtype=torch.float64)
+    results = []
+    for segment in (1 << 20, 16):
+        monkeypatch.setattr(ops, "SCAN_SEGMENT", segment)
+        leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
+        Y, state = ops.mamba2_scan(**leaves, chunk_size=8)
+        grads = torch.autograd.grad((Y * weight).sum() + state.square().sum(), list(leaves.values()))
+        results.append((Y.detach(), state.detach(), grads))
+    (Y, state, grads), (Y_seg, state_seg, grads_seg) = results
+    torch.testing.assert_close(Y_seg, Y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state_seg, state, rtol=1e-10, atol=1e-10)
+    for name, grad, grad_seg in zip(inputs, grads, grads_seg, strict=True):
+        torch.testing.assert_close(grad_seg, grad, rtol=1e-10, atol=1e-10, msg=f"gradient of {name}")
+
+
 def test_mamba2_scan_is_ssd_on_dt_scaled_inputs():
     g = _seeded(5)
     x, dt = torch.randn(2, 21, 4, 3, generator=g), torch.rand(2, 21, 4, generator=g)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers.utils import logging
 
 from .ops_s4d import fft_conv, s4d_kernel
@@ -107,6 +108,31 @@ def mamba2_scan(
             f"mamba2_scan: dt must have shape (batch, L, heads) = {tuple(x.shape[:3])} and A shape (heads,) = "
             f"{tuple(x.shape[2:3])}, got {tuple(dt.shape)} and {tuple(A.shape)}."
         )
+    length = x.shape[1]
+    recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C))
+    if not (isinstance(length, int) and length > SCAN_SEGMENT and recorded):
+        return _mamba2_scan_torch(x, dt, A, B, C, chunk_size, initial_states)
+    # Longer inputs: segments of SCAN_SEGMENT steps, each recomputed in backward, the state handed from one to the
+    # next (exactly: a segment's padding steps neither decay nor add to it). The scan then holds one segment's
+    # tensors for backward instead of the whole input's; at 64K tokens that is what lets Mamba-2 train in 24 GB.
+    outputs, state = [], initial_states
+    for start in range(0, length, SCAN_SEGMENT):
+        piece = slice(start, start + SCAN_SEGMENT)
+        y, state = checkpoint(
+            _mamba2_scan_torch, x[:, piece], dt[:, piece], A, B[:, piece], C[:, piece], chunk_size, state,
+            use_reentrant=False,
+        )  # fmt: skip
+        outputs.append(y)
+    return torch.cat(outputs, dim=1), state
+
+
+# Inputs longer than this many steps (the longest SCROLLS inputs) run the PyTorch Mamba-2 scan in segments of this
+# length when gradients are recorded; shorter ones run whole.
+SCAN_SEGMENT = 16384
+
+
+def _mamba2_scan_torch(x, dt, A, B, C, chunk_size, initial_states):
+    """`mamba2_scan`'s PyTorch path on one stretch of the sequence."""
     compute = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(device_type=x.device.type, enabled=False):
         dt = dt.to(compute)
