@@ -129,6 +129,21 @@ QUICK = Setup(
 )
 
 
+def setup_changes(pairs: list[str], parser: argparse.ArgumentParser) -> dict:
+    """`--setup FIELD=VALUE ...` as typed Setup fields; an unknown field or a value of the wrong type is refused."""
+    fields = {name: type(value) for name, value in asdict(Setup()).items()}
+    changes = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in fields:
+            parser.error(f"--setup {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        try:
+            changes[name] = fields[name](value)
+        except ValueError:
+            parser.error(f"--setup {pair!r}: {name} takes {fields[name].__name__} values, got {value!r}")
+    return changes
+
+
 def layout(kind: str, layers: int) -> list[str]:
     return ["gss"] * (layers - 1) + ["attention"] if kind == "gss-hybrid" else [kind] * layers
 
@@ -369,6 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-data", help="its data folder (default: synthetic; 'hub' for the official files)")
     parser.add_argument("--no-finetune", action="store_true", help="retention only")
     parser.add_argument("--resume", action="store_true", help="keep the finished (kind, variant) rows of --out")
+    parser.add_argument(
+        "--setup",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change setup fields, e.g. decoder_layers=2 pretrain_steps=8000 (the stand-in is cached per setup)",
+    )
     args = parser.parse_args(argv)
     if args.base and not (args.documents and args.heldout):
         parser.error("--base needs --documents and --heldout (the stand-in's corpus fits only the stand-in).")
@@ -378,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         setup = replace(setup, length=args.length)
     if args.finetune_task:
         setup = replace(setup, finetune_task=args.finetune_task)
+    setup = replace(setup, **setup_changes(args.setup, parser))
     suffix = "_quick" if args.quick else ""
     out = args.out or RESULTS_DIR
     work = args.work or out / "work"

@@ -79,3 +79,15 @@ def test_the_report_says_when_the_stand_ins_attention_is_too_weak_to_test(swap_t
     )
     assert "s4d 20%, mamba2 50%" in strong and "carries little" not in strong
     assert swap_transfer.validity_notes(rows[:1]) == []  # no masked row: nothing to say
+
+
+def test_setup_fields_can_be_changed_from_the_command_line(swap_transfer, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    changes = swap_transfer.setup_changes(["decoder_layers=2", "pretrain_lr=0.001", "finetune_task=qasper"], parser)
+    assert changes == {"decoder_layers": 2, "pretrain_lr": 0.001, "finetune_task": "qasper"}
+    for bad, message in (("decoder_layer=2", "FIELD one of"), ("decoder_layers=two", "decoder_layers takes int")):
+        with pytest.raises(SystemExit):
+            swap_transfer.setup_changes([bad], parser)
+        assert message in capsys.readouterr().err
