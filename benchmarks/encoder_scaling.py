@@ -434,9 +434,11 @@ def main(argv: list[str] | None = None) -> Path:
                 continue
             spec = {"config": config, "length": length, "size": asdict(size), "device": args.device}
             started = time.monotonic()
-            settings = {"repeats": args.repeats, "threads": args.threads}
-            if args.gradient_checkpointing:
-                settings["gradient_checkpointing"] = True
+            settings = {
+                "repeats": args.repeats,
+                "threads": args.threads,
+                "gradient_checkpointing": args.gradient_checkpointing,
+            }
             result = run_worker({**spec, **settings}, args.timeout, max_rss)
             row = {**base, **result, "load_avg": round(os.getloadavg()[0], 2)}
             rows.append(row)

@@ -79,32 +79,30 @@ def reuse_attention_weights(
 
 
 def _reuse_in_mamba2(mixer: nn.Module, attention: nn.Module) -> None:
-    if mixer.groups == attention.num_heads and mixer.d_state == attention.head_dim:
-        _reuse_in_mamba2_per_head(mixer, attention)
-        return
-    d_inner, d_state = mixer.d_inner, mixer.d_state
+    d_inner, bc_width = mixer.d_inner, mixer.groups * mixer.d_state
     rows = mixer.in_proj.weight  # (z, x, B, C, dt) stacked
-    rows[d_inner : 2 * d_inner] = tile_positions(attention.v_proj.weight, d_inner)
-    bc_width = mixer.groups * d_state
+    # B and C: the K and Q rows, tiled to the groups' width. With one group per attention head and d_state = the
+    # head size the width is d_model, and group g's rows are exactly head g's.
     rows[2 * d_inner : 2 * d_inner + bc_width] = tile_positions(attention.k_proj.weight, bc_width)
     rows[2 * d_inner + bc_width : 2 * d_inner + 2 * bc_width] = tile_positions(attention.q_proj.weight, bc_width)
-    _reuse_output(mixer.out_proj, attention)
+    if mixer.groups == attention.num_heads and mixer.d_state == attention.head_dim:
+        _reuse_value_and_output_per_head(mixer, attention)
+    else:
+        rows[d_inner : 2 * d_inner] = tile_positions(attention.v_proj.weight, d_inner)
+        _reuse_output(mixer.out_proj, attention)
 
 
-def _reuse_in_mamba2_per_head(mixer: nn.Module, attention: nn.Module) -> None:
-    """One group of Mamba-2 heads per attention head g, with d_state = the head size: group g's B rows are head g's
-    K rows and its C rows head g's Q rows (exactly), each of its heads reads head g's V rows as x (tiled to the head
-    size), and `out_proj` gives each of them head g's block of O, divided by the heads per group (their mean)."""
-    d_inner, bc_width, head = mixer.d_inner, mixer.groups * mixer.d_state, attention.head_dim
-    per_group = mixer.heads // mixer.groups
-    rows = mixer.in_proj.weight  # (z, x, B, C, dt) stacked
-    rows[2 * d_inner : 2 * d_inner + bc_width] = attention.k_proj.weight
-    rows[2 * d_inner + bc_width : 2 * d_inner + 2 * bc_width] = attention.q_proj.weight
-    mixer.out_proj.weight.zero_()
+def _reuse_value_and_output_per_head(mixer: nn.Module, attention: nn.Module) -> None:
+    """One group of Mamba-2 heads per attention head g: each head of group g reads head g's V rows as x (tiled to
+    the head size), and `out_proj` gives each of them head g's block of O, divided by the heads per group (their
+    mean)."""
+    head, per_group = attention.head_dim, mixer.heads // mixer.groups
     group_width = per_group * mixer.head_dim  # the x rows (and out_proj columns) of one group's heads
+    rows = mixer.in_proj.weight
+    mixer.out_proj.weight.zero_()
     for g in range(mixer.groups):
         value = attention.v_proj.weight[g * head : (g + 1) * head]
-        start = d_inner + g * group_width
+        start = mixer.d_inner + g * group_width
         rows[start : start + group_width] = torch.cat([tile_positions(value, mixer.head_dim)] * per_group)
         output = attention.out_proj.weight[:, g * head : (g + 1) * head] / per_group
         columns = mixer.out_proj.weight[:, g * group_width : (g + 1) * group_width]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import random
 import signal
 import socket
@@ -19,9 +18,13 @@ from transformers import AutoModelForSeq2SeqLM
 
 from scrolls_ssm.config import RunConfigError, load_run_config
 from scrolls_ssm.train import train
-from tests.training_fixtures import overrides, run_train_command, write_task_data, write_tiny_bart
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.training_fixtures import (
+    launch_two_processes,
+    overrides,
+    run_train_command,
+    write_task_data,
+    write_tiny_bart,
+)
 
 
 @pytest.fixture(scope="module")
@@ -214,14 +217,7 @@ def test_non_finite_loss_skips_the_step_and_counts_it(setup, tmp_path, monkeypat
 def test_two_processes_train_and_gather_every_id_once(setup, tmp_path):
     base, data, _ = setup
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "run_finetune.py"),
-        *overrides(base, data, out, "train.num_epochs=1", "eval.generate_every_epochs=1"),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_processes(overrides(base, data, out, "train.num_epochs=1", "eval.generate_every_epochs=1"))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     predictions = json.loads((out / "predictions" / "validation" / "contract_nli.json").read_text())
     assert sorted(predictions) == sorted(f"validation-{i}" for i in range(9))  # 9 rows over 2 processes: uneven

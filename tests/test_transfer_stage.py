@@ -13,7 +13,14 @@ from safetensors.torch import load_file
 
 from scrolls_ssm.config import RunConfigError, TransferConfig, load_run_config
 from scrolls_ssm.train import train
-from tests.training_fixtures import overrides, run_command, run_train_command, write_task_data, write_tiny_bart
+from tests.training_fixtures import (
+    launch_two_processes,
+    overrides,
+    run_command,
+    run_train_command,
+    write_task_data,
+    write_tiny_bart,
+)
 
 STAGE = [
     "model.encoder_layer_types=[s4d,attention]",
@@ -134,21 +141,9 @@ def test_two_processes_run_the_stage_once_and_train_from_its_result(setup, unint
     """`accelerate launch` with 2 CPU processes (the first runs the stage while the other waits, then loads its
     result): the stage ends with the same transferred mixers as the one-process run (same seed and settings), its
     checkpoints are gone, and fine-tuning runs from it to a saved model."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
     base, data, _ = setup
     out = tmp_path / "two"
-    env = {**os.environ, "PYTHONPATH": str(repo), "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(repo / "run_finetune.py"), *overrides(base, data, out, *STAGE),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_processes(overrides(base, data, out, *STAGE))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     one, two = (load_file(run / "transfer" / "model.safetensors") for run in (uninterrupted, out))
     assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)

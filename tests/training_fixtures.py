@@ -4,7 +4,10 @@ the answer is the first word of the document (so a few steps of training visibly
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -67,6 +70,18 @@ def overrides(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "train.mixed_precision=no",
         *extra,
     ]
+
+
+def launch_two_processes(argv: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch` of run_finetune.py ARGV with 2 CPU processes on this machine; returns the finished run."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(repo / "run_finetune.py"), *argv,
+    ]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
 def run_train_command(argv: list[str], kill_at: str | None = None) -> None:
