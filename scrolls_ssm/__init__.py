@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 from .convert import load_tokenizer, swap_encoder
 from .denoising import denoising_batches, denoising_loss, encoder_similarity, text_infilling
 from .modeling.configuration_scrolls_ssm import MIXER_KINDS, ScrollsSSMConfig
+from .modeling.configuration_scrolls_ssm_t5 import ScrollsSSMT5Config
 from .modeling.mixers import MIXERS
 from .modeling.modeling_scrolls_ssm import (
     ScrollsSSMEncoder,
@@ -16,19 +17,29 @@ from .modeling.modeling_scrolls_ssm import (
     ScrollsSSMModel,
     ScrollsSSMPreTrainedModel,
 )
+from .modeling.modeling_scrolls_ssm_t5 import (
+    ScrollsSSMT5ForConditionalGeneration,
+    ScrollsSSMT5Model,
+    ScrollsSSMT5PreTrainedModel,
+)
 from .optim import optimizer_cls_and_kwargs, ssm_param_groups
 from .transfer import attention_teacher, distill_outputs, reuse_attention_weights, transfer_attention
 
 __version__ = "0.1.0"
 
-AutoConfig.register(ScrollsSSMConfig.model_type, ScrollsSSMConfig, exist_ok=True)
-AutoModel.register(ScrollsSSMConfig, ScrollsSSMModel, exist_ok=True)
-AutoModelForSeq2SeqLM.register(ScrollsSSMConfig, ScrollsSSMForConditionalGeneration, exist_ok=True)
-# `save_pretrained` writes `auto_map` and copies the code files, so people without this package can load a saved
-# model with `trust_remote_code=True`.
-ScrollsSSMConfig.register_for_auto_class()
-ScrollsSSMModel.register_for_auto_class("AutoModel")
-ScrollsSSMForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+# Both model families: BART / LED bases (scrolls_ssm) and T5-family bases (scrolls_ssm_t5).
+for _config, _model, _seq2seq in (
+    (ScrollsSSMConfig, ScrollsSSMModel, ScrollsSSMForConditionalGeneration),
+    (ScrollsSSMT5Config, ScrollsSSMT5Model, ScrollsSSMT5ForConditionalGeneration),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForSeq2SeqLM.register(_config, _seq2seq, exist_ok=True)
+    # `save_pretrained` writes `auto_map` and copies the code files, so people without this package can load a saved
+    # model with `trust_remote_code=True`.
+    _config.register_for_auto_class()
+    _model.register_for_auto_class("AutoModel")
+    _seq2seq.register_for_auto_class("AutoModelForSeq2SeqLM")
 
 __all__ = [
     "MIXERS",
@@ -38,6 +49,10 @@ __all__ = [
     "ScrollsSSMForConditionalGeneration",
     "ScrollsSSMModel",
     "ScrollsSSMPreTrainedModel",
+    "ScrollsSSMT5Config",
+    "ScrollsSSMT5ForConditionalGeneration",
+    "ScrollsSSMT5Model",
+    "ScrollsSSMT5PreTrainedModel",
     "attention_teacher",
     "denoising_batches",
     "denoising_loss",

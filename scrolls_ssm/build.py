@@ -72,7 +72,7 @@ def _dotted_key(field: str) -> str:
 def _config_field_error(error: StrictDataclassError) -> RunConfigError:
     """A ScrollsSSMConfig validation error, reworded to name the run-config key."""
     text = " ".join(str(error.__cause__ or error).split())
-    text, named = re.subn(r"ScrollsSSMConfig\.(\w+)", lambda match: _dotted_key(match.group(1)), text)
+    text, named = re.subn(r"ScrollsSSM(?:T5)?Config\.(\w+)", lambda match: _dotted_key(match.group(1)), text)
     if not named:  # a type error of the strict dataclass: "Field 'd_model' with value 'x' doesn't match ..."
         field = re.search(r"[Ff]ield '(\w+)'", str(error))
         text = f"{_dotted_key(field.group(1)) if field else 'model.config'}: {text}"

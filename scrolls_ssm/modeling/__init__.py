@@ -6,6 +6,7 @@ reverse.
 """
 
 from .configuration_scrolls_ssm import MIXER_KINDS, ScrollsSSMConfig
+from .configuration_scrolls_ssm_t5 import T5_FAMILIES, ScrollsSSMT5Config
 from .mixers import MIXERS, build_mixer
 from .modeling_scrolls_ssm import (
     ScrollsSSMEncoder,
@@ -13,6 +14,13 @@ from .modeling_scrolls_ssm import (
     ScrollsSSMForConditionalGeneration,
     ScrollsSSMModel,
     ScrollsSSMPreTrainedModel,
+)
+from .modeling_scrolls_ssm_t5 import (
+    ScrollsSSMT5Encoder,
+    ScrollsSSMT5EncoderBlock,
+    ScrollsSSMT5ForConditionalGeneration,
+    ScrollsSSMT5Model,
+    ScrollsSSMT5PreTrainedModel,
 )
 
 __all__ = [
@@ -24,5 +32,12 @@ __all__ = [
     "ScrollsSSMForConditionalGeneration",
     "ScrollsSSMModel",
     "ScrollsSSMPreTrainedModel",
+    "ScrollsSSMT5Config",
+    "ScrollsSSMT5Encoder",
+    "ScrollsSSMT5EncoderBlock",
+    "ScrollsSSMT5ForConditionalGeneration",
+    "ScrollsSSMT5Model",
+    "ScrollsSSMT5PreTrainedModel",
+    "T5_FAMILIES",
     "build_mixer",
 ]

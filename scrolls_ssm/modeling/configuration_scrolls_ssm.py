@@ -6,6 +6,8 @@ This file is copied next to saved checkpoints for `trust_remote_code` users: it 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from huggingface_hub.dataclasses import strict
 from transformers import BartConfig
 
@@ -15,13 +17,117 @@ MIXER_KINDS: tuple[str, ...] = ("attention", "s4d", "mamba", "mamba2", "gss")
 ENCODER_POSITIONS: tuple[str, ...] = ("learned", "none")
 
 
-def _require(condition: bool, field: str, value: object, expected: str) -> None:
-    if not condition:
-        raise ValueError(f"ScrollsSSMConfig.{field}={value!r} is invalid: expected {expected}.")
+@dataclass
+class MixerFields:
+    """The encoder layout and the hyper-parameters of the state-space mixers, shared by every model family's config.
+
+    Each family's config (`ScrollsSSMConfig` for BART / LED, `ScrollsSSMT5Config` for the T5 family) inherits these
+    fields and calls `_validate_mixer_fields()` from its `validate_architecture`. The mixers read only these fields
+    and `d_model`, so every mixer runs unchanged in every family.
+    """
+
+    encoder_layer_types: list[str] | None = None
+    # State-space mixers (docs/mixers.md). dt, A and their kin train with `ssm_lr` and no weight decay.
+    ssm_lr: float | None = 1e-3  # learning rate of the SSM dynamics parameters; None: the run's learning rate
+    ssm_dt_min: float = 0.001  # step sizes dt are initialized log-uniformly in [ssm_dt_min, ssm_dt_max]
+    ssm_dt_max: float = 0.1
+    s4d_d_state: int = 64  # N of S4D (and GSS): N/2 complex conjugate-pair modes per channel
+    s4d_init: str = "lin"  # imaginary parts of A: "lin" (S4D-Lin, pi * n) or "inv" (S4D-Inv)
+    mamba_d_state: int = 16  # N of Mamba-1
+    mamba_d_conv: int = 4  # width of Mamba-1's causal depthwise convolution
+    mamba_expand: int = 2  # Mamba-1's inner width is mamba_expand * d_model
+    mamba_dt_rank: int | None = None  # rank of the dt projection; None: ceil(d_model / 16)
+    mamba2_d_state: int = 64  # N of Mamba-2
+    mamba2_headdim: int = 64  # Mamba-2 head size; must divide mamba2_expand * d_model
+    # Groups of heads that share B and C (Mamba-2's ngroups); must divide the head count. With one group per attention
+    # head and mamba2_d_state = the attention's head size, weight reuse maps each head's K and Q exactly.
+    mamba2_ngroups: int = 1
+    mamba2_expand: int = 2  # Mamba-2's inner width is mamba2_expand * d_model
+    mamba2_d_conv: int = 4  # width of Mamba-2's causal depthwise convolution
+    mamba2_chunk_size: int = 128  # SSD chunk length (<= 256); 64-128 measured fastest on CPU at 16K
+    gss_d_state: int = 64  # N of GSS's S4D-style SSM
+    gss_expansion: int = 2  # GSS's gated width is gss_expansion * d_model
+    gss_ssm_dim: int | None = None  # width the GSS SSM runs at; None: d_model // 4 (the paper's reduction)
+
+    def _require(self, condition: bool, field: str, value: object, expected: str) -> None:
+        """Raise a ValueError naming the config class, the field, the value and what is valid, unless `condition`."""
+        if not condition:
+            raise ValueError(f"{type(self).__name__}.{field}={value!r} is invalid: expected {expected}.")
+
+    def _validate_mixer_fields(self, layers_field: str, layers: int):
+        """`encoder_layer_types` against the layer count (`layers_field`=`layers`), then the ranges of the `ssm_*` /
+        `<kind>_*` fields; shape constraints only where a layer of that kind exists."""
+        types = self.encoder_layer_types
+        self._require(
+            len(types) == layers,
+            "encoder_layer_types",
+            types,
+            f"one entry per encoder layer ({layers} entries, as `{layers_field}`={layers}); change one of the two so "
+            "they agree",
+        )
+        for index, kind in enumerate(types):
+            self._require(kind in MIXER_KINDS, f"encoder_layer_types[{index}]", kind, f"one of {list(MIXER_KINDS)}")
+        self._require(self.ssm_lr is None or self.ssm_lr > 0, "ssm_lr", self.ssm_lr, "None or a learning rate > 0")
+        self._require(
+            0 < self.ssm_dt_min <= self.ssm_dt_max,
+            "ssm_dt_min",
+            self.ssm_dt_min,
+            f"0 < ssm_dt_min <= ssm_dt_max (= {self.ssm_dt_max})",
+        )
+        for field in ("s4d_d_state", "gss_d_state"):
+            value = getattr(self, field)
+            self._require(
+                value >= 2 and value % 2 == 0, field, value, "an even int >= 2 (states come in conjugate pairs)"
+            )
+        self._require(self.s4d_init in ("lin", "inv"), "s4d_init", self.s4d_init, "'lin' (S4D-Lin) or 'inv' (S4D-Inv)")
+        for field in (
+            "mamba_d_state",
+            "mamba_d_conv",
+            "mamba_expand",
+            "mamba2_d_state",
+            "mamba2_headdim",
+            "mamba2_ngroups",
+            "mamba2_expand",
+            "mamba2_d_conv",
+            "gss_expansion",
+        ):
+            self._require(getattr(self, field) >= 1, field, getattr(self, field), "an int >= 1")
+        self._require(
+            self.mamba_dt_rank is None or self.mamba_dt_rank >= 1,
+            "mamba_dt_rank",
+            self.mamba_dt_rank,
+            "None (ceil(d_model / 16)) or an int >= 1",
+        )
+        inner = self.mamba2_expand * self.d_model
+        self._require(
+            "mamba2" not in self.encoder_layer_types or inner % self.mamba2_headdim == 0,
+            "mamba2_headdim",
+            self.mamba2_headdim,
+            f"a divisor of mamba2_expand * d_model = {self.mamba2_expand} * {self.d_model} = {inner}",
+        )
+        heads = inner // self.mamba2_headdim
+        self._require(
+            "mamba2" not in self.encoder_layer_types or heads % self.mamba2_ngroups == 0,
+            "mamba2_ngroups",
+            self.mamba2_ngroups,
+            f"a divisor of the Mamba-2 head count mamba2_expand * d_model / mamba2_headdim = {heads}",
+        )
+        self._require(
+            1 <= self.mamba2_chunk_size <= 256,
+            "mamba2_chunk_size",
+            self.mamba2_chunk_size,
+            "an int in [1, 256] (longer chunks lose float32 precision in the decays)",
+        )
+        self._require(
+            self.gss_ssm_dim is None or self.gss_ssm_dim >= 1,
+            "gss_ssm_dim",
+            self.gss_ssm_dim,
+            "None (d_model // 4) or an int >= 1",
+        )
 
 
 @strict
-class ScrollsSSMConfig(BartConfig):
+class ScrollsSSMConfig(MixerFields, BartConfig):
     r"""A [`BartConfig`] whose encoder mixes tokens with a per-layer choice of mixer.
 
     Everything BART has keeps its meaning (`d_model`, `encoder_ffn_dim`, the decoder, ...). Added fields:
@@ -48,31 +154,9 @@ class ScrollsSSMConfig(BartConfig):
 
     model_type = "scrolls_ssm"
 
-    encoder_layer_types: list[str] | None = None
     max_source_positions: int = 16384
     encoder_positions: str = "learned"
     attention_window: int | None = None
-    # State-space mixers (docs/mixers.md). dt, A and their kin train with `ssm_lr` and no weight decay.
-    ssm_lr: float | None = 1e-3  # learning rate of the SSM dynamics parameters; None: the run's learning rate
-    ssm_dt_min: float = 0.001  # step sizes dt are initialized log-uniformly in [ssm_dt_min, ssm_dt_max]
-    ssm_dt_max: float = 0.1
-    s4d_d_state: int = 64  # N of S4D (and GSS): N/2 complex conjugate-pair modes per channel
-    s4d_init: str = "lin"  # imaginary parts of A: "lin" (S4D-Lin, pi * n) or "inv" (S4D-Inv)
-    mamba_d_state: int = 16  # N of Mamba-1
-    mamba_d_conv: int = 4  # width of Mamba-1's causal depthwise convolution
-    mamba_expand: int = 2  # Mamba-1's inner width is mamba_expand * d_model
-    mamba_dt_rank: int | None = None  # rank of the dt projection; None: ceil(d_model / 16)
-    mamba2_d_state: int = 64  # N of Mamba-2
-    mamba2_headdim: int = 64  # Mamba-2 head size; must divide mamba2_expand * d_model
-    # Groups of heads that share B and C (Mamba-2's ngroups); must divide the head count. With one group per attention
-    # head and mamba2_d_state = the attention's head size, weight reuse maps each head's K and Q exactly.
-    mamba2_ngroups: int = 1
-    mamba2_expand: int = 2  # Mamba-2's inner width is mamba2_expand * d_model
-    mamba2_d_conv: int = 4  # width of Mamba-2's causal depthwise convolution
-    mamba2_chunk_size: int = 128  # SSD chunk length (<= 256); 64-128 measured fastest on CPU at 16K
-    gss_d_state: int = 64  # N of GSS's S4D-style SSM
-    gss_expansion: int = 2  # GSS's gated width is gss_expansion * d_model
-    gss_ssm_dim: int | None = None  # width the GSS SSM runs at; None: d_model // 4 (the paper's reduction)
 
     def __post_init__(self, **kwargs):
         if self.encoder_layer_types is None:
@@ -88,99 +172,31 @@ class ScrollsSSMConfig(BartConfig):
     def validate_architecture(self):
         """Checks run at construction by `@strict`: every error names the field, the value and what is valid."""
         super().validate_architecture()
-        types = self.encoder_layer_types
-        _require(
-            len(types) == self.encoder_layers,
-            "encoder_layer_types",
-            types,
-            f"one entry per encoder layer ({self.encoder_layers} entries, as `encoder_layers`={self.encoder_layers}); "
-            "change one of the two so they agree",
-        )
-        for index, kind in enumerate(types):
-            _require(kind in MIXER_KINDS, f"encoder_layer_types[{index}]", kind, f"one of {list(MIXER_KINDS)}")
-        _require(
+        self._require(
             isinstance(self.max_source_positions, int) and self.max_source_positions >= 1,
             "max_source_positions",
             self.max_source_positions,
             "an int >= 1",
         )
-        _require(
+        self._require(
             self.encoder_positions in ENCODER_POSITIONS,
             "encoder_positions",
             self.encoder_positions,
             f"one of {list(ENCODER_POSITIONS)}",
         )
-        _require(
+        self._require(
             self.attention_window is None or (isinstance(self.attention_window, int) and self.attention_window >= 1),
             "attention_window",
             self.attention_window,
             "None (full attention) or an int >= 1 (block-local attention)",
         )
-        _require(
+        self._require(
             self.d_model % self.encoder_attention_heads == 0,
             "encoder_attention_heads",
             self.encoder_attention_heads,
             f"a divisor of d_model={self.d_model}",
         )
-        self._validate_ssm_fields()
-
-    def _validate_ssm_fields(self):
-        """Ranges of the `ssm_*` / `<kind>_*` fields; shape constraints only where a layer of that kind exists."""
-        _require(self.ssm_lr is None or self.ssm_lr > 0, "ssm_lr", self.ssm_lr, "None or a learning rate > 0")
-        _require(
-            0 < self.ssm_dt_min <= self.ssm_dt_max,
-            "ssm_dt_min",
-            self.ssm_dt_min,
-            f"0 < ssm_dt_min <= ssm_dt_max (= {self.ssm_dt_max})",
-        )
-        for field in ("s4d_d_state", "gss_d_state"):
-            value = getattr(self, field)
-            _require(value >= 2 and value % 2 == 0, field, value, "an even int >= 2 (states come in conjugate pairs)")
-        _require(self.s4d_init in ("lin", "inv"), "s4d_init", self.s4d_init, "'lin' (S4D-Lin) or 'inv' (S4D-Inv)")
-        for field in (
-            "mamba_d_state",
-            "mamba_d_conv",
-            "mamba_expand",
-            "mamba2_d_state",
-            "mamba2_headdim",
-            "mamba2_ngroups",
-            "mamba2_expand",
-            "mamba2_d_conv",
-            "gss_expansion",
-        ):
-            _require(getattr(self, field) >= 1, field, getattr(self, field), "an int >= 1")
-        _require(
-            self.mamba_dt_rank is None or self.mamba_dt_rank >= 1,
-            "mamba_dt_rank",
-            self.mamba_dt_rank,
-            "None (ceil(d_model / 16)) or an int >= 1",
-        )
-        inner = self.mamba2_expand * self.d_model
-        _require(
-            "mamba2" not in self.encoder_layer_types or inner % self.mamba2_headdim == 0,
-            "mamba2_headdim",
-            self.mamba2_headdim,
-            f"a divisor of mamba2_expand * d_model = {self.mamba2_expand} * {self.d_model} = {inner}",
-        )
-        heads = inner // self.mamba2_headdim
-        _require(
-            "mamba2" not in self.encoder_layer_types or heads % self.mamba2_ngroups == 0,
-            "mamba2_ngroups",
-            self.mamba2_ngroups,
-            f"a divisor of the Mamba-2 head count mamba2_expand * d_model / mamba2_headdim = {heads}",
-        )
-        _require(
-            1 <= self.mamba2_chunk_size <= 256,
-            "mamba2_chunk_size",
-            self.mamba2_chunk_size,
-            "an int in [1, 256] (longer chunks lose float32 precision in the decays)",
-        )
-        _require(
-            self.gss_ssm_dim is None or self.gss_ssm_dim >= 1,
-            "gss_ssm_dim",
-            self.gss_ssm_dim,
-            "None (d_model // 4) or an int >= 1",
-        )
+        self._validate_mixer_fields("encoder_layers", self.encoder_layers)
 
 
-__all__ = ["MIXER_KINDS", "ScrollsSSMConfig"]
+__all__ = ["MIXER_KINDS", "MixerFields", "ScrollsSSMConfig"]

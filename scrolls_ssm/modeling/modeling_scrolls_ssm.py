@@ -80,11 +80,50 @@ class ScrollsSSMEncoderBlock(GradientCheckpointingLayer):
         return hidden_states, weights
 
 
-class ScrollsSSMPreTrainedModel(PreTrainedModel):
+class ScrollsSSMModelMixin:
+    """What every model family of this package adds to `PreTrainedModel`:
+
+    - `save_pretrained` names both model classes of the family in `config.json`'s `auto_map`, whichever one is saved,
+      so `AutoConfig`, `AutoModel` and `AutoModelForSeq2SeqLM` all load the folder with `trust_remote_code=True`
+      (when the classes are registered for the Auto API, which importing `scrolls_ssm` does);
+    - `attn_implementation="flash_attention_2"` without the kernel falls back to SDPA instead of downloading one.
+    """
+
+    _auto_map_models: tuple[str, str]  # (the AutoModel class, the AutoModelForSeq2SeqLM class), in this file
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if type(self)._auto_class is not None:
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            base, seq2seq = self._auto_map_models
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": f"{module}.{base}",
+                "AutoModelForSeq2SeqLM": f"{module}.{seq2seq}",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _check_and_adjust_attn_implementation(
+        self, attn_implementation: str | None, is_init_check: bool = False, **kw
+    ):
+        # Asking for flash_attention_2 without flash-attn (or without CUDA) would make transformers try to download a
+        # kernel from the Hub. Fall back to SDPA, which gives the same numbers, and say so once.
+        if attn_implementation == "flash_attention_2" and not (
+            importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+        ):
+            logger.warning_once(
+                "attn_implementation='flash_attention_2' needs the `flash-attn` package and a CUDA device; "
+                "using 'sdpa' instead (same results). Install `scrolls-ssm[flash]` on a GPU machine to use it."
+            )
+            attn_implementation = "sdpa"
+        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check=is_init_check, **kw)
+
+
+class ScrollsSSMPreTrainedModel(ScrollsSSMModelMixin, PreTrainedModel):
     config: ScrollsSSMConfig
     config_class = ScrollsSSMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
+    _auto_map_models = ("ScrollsSSMModel", "ScrollsSSMForConditionalGeneration")
     _no_split_modules = ["ScrollsSSMEncoderBlock", "BartDecoderLayer"]
     _skip_keys_device_placement = ["cache"]
     _keys_to_ignore_on_load_unexpected = ["encoder.version", "decoder.version"]
@@ -101,19 +140,6 @@ class ScrollsSSMPreTrainedModel(PreTrainedModel):
         r"mixer\.(A_log|D|dt_bias)$",  # mamba2
     ]
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """As `PreTrainedModel.save_pretrained`. When the classes are registered for the Auto API (importing
-        `scrolls_ssm` does it), `config.json`'s `auto_map` names all three Auto classes, whichever model is saved, so
-        `AutoConfig`, `AutoModel` and `AutoModelForSeq2SeqLM` all load the folder with `trust_remote_code=True`."""
-        if type(self)._auto_class is not None:
-            module = __name__.rsplit(".", 1)[-1]
-            self.config.auto_map = {
-                **(getattr(self.config, "auto_map", None) or {}),
-                "AutoModel": f"{module}.ScrollsSSMModel",
-                "AutoModelForSeq2SeqLM": f"{module}.ScrollsSSMForConditionalGeneration",
-            }
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
         # Mixers with their own initialization (state-space parameters, ...) run it after their children got the
@@ -122,21 +148,6 @@ class ScrollsSSMPreTrainedModel(PreTrainedModel):
             module.init_mixer_weights()
         if isinstance(module, ScrollsSSMForConditionalGeneration):
             nn.init.zeros_(module.final_logits_bias)
-
-    def _check_and_adjust_attn_implementation(
-        self, attn_implementation: str | None, is_init_check: bool = False, **kw
-    ):
-        # Asking for flash_attention_2 without flash-attn (or without CUDA) would make transformers try to download a
-        # kernel from the Hub. Fall back to SDPA, which gives the same numbers, and say so once.
-        if attn_implementation == "flash_attention_2" and not (
-            importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
-        ):
-            logger.warning_once(
-                "attn_implementation='flash_attention_2' needs the `flash-attn` package and a CUDA device; "
-                "using 'sdpa' instead (same results). Install `scrolls-ssm[flash]` on a GPU machine to use it."
-            )
-            attn_implementation = "sdpa"
-        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check=is_init_check, **kw)
 
 
 class ScrollsSSMEncoder(ScrollsSSMPreTrainedModel):
