@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LEDConfig, LEDForConditionalGeneration, T5Config
+from transformers import LEDConfig, LEDForConditionalGeneration, PegasusConfig
 
 from scrolls_ssm import ScrollsSSMForConditionalGeneration, swap_encoder
 from tests.conftest import TINY
@@ -121,8 +121,11 @@ def test_led_checkpoint_gives_its_decoder_embeddings_and_local_attention():
 
 
 def test_unsupported_family_is_a_clear_error(tmp_path):
-    T5Config(vocab_size=10, d_model=8, d_ff=8, num_layers=1, num_heads=1, d_kv=8).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"model_type='t5'.*Supported families: bart .*facebook/bart-base.*led"):
+    PegasusConfig(vocab_size=10, d_model=8, encoder_layers=1, decoder_layers=1).save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"model_type='pegasus'.*Supported families: bart .*facebook/bart-base.*led.*t5 .*flan-t5.*longt5",
+    ):
         swap_encoder(tmp_path, ["attention"])
 
 

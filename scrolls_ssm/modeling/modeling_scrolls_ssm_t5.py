@@ -277,6 +277,8 @@ def _build_decoder(config: ScrollsSSMT5Config) -> PreTrainedModel:
     decoder_config = copy.deepcopy(config)
     decoder_config.is_decoder = True
     decoder_config.num_layers = config.num_decoder_layers
+    # The stack picks its own default attention implementation: LongT5's decoder has only its eager one.
+    decoder_config._attn_implementation_internal = None
     return _FAMILY_MODULES[config.t5_family][1](decoder_config)
 
 

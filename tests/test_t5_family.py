@@ -1,0 +1,263 @@
+"""The T5 family as a base: swap_encoder on random-init T5 (v1.0 and v1.1 / Flan), mT5, umT5 and LongT5 (local and
+transient-global), equivalence to transformers' own models, what a swap keeps, generate, padding, long inputs, saving
+and loading (Auto classes, trust_remote_code), bf16, and the errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    LongT5Config,
+    LongT5ForConditionalGeneration,
+    MT5Config,
+    MT5ForConditionalGeneration,
+    T5Config,
+    T5ForConditionalGeneration,
+    UMT5Config,
+    UMT5ForConditionalGeneration,
+)
+
+from scrolls_ssm import ScrollsSSMT5Config, ScrollsSSMT5ForConditionalGeneration, swap_encoder
+
+SIZE = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_decoder_layers=2, num_heads=4)
+SIZE["decoder_start_token_id"] = 0  # as every T5-family checkpoint's config says
+# A LongT5 window shorter than the test inputs, so that blocks, their neighbours and the global tokens all matter.
+LONG = dict(local_radius=5, global_block_size=4)
+
+SOURCES = {
+    "t5": lambda: T5ForConditionalGeneration(T5Config(**SIZE)),
+    # T5 v1.1 / Flan-T5: gated-GELU FFN, untied embeddings in the config (no decoder-output scaling)
+    "flan-t5": lambda: T5ForConditionalGeneration(
+        T5Config(**SIZE, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    ),
+    "mt5": lambda: MT5ForConditionalGeneration(MT5Config(**SIZE, feed_forward_proj="gated-gelu")),
+    "umt5": lambda: UMT5ForConditionalGeneration(UMT5Config(**SIZE, feed_forward_proj="gated-gelu")),
+    "longt5-local": lambda: LongT5ForConditionalGeneration(LongT5Config(**SIZE, **LONG)),
+    "longt5-tglobal": lambda: LongT5ForConditionalGeneration(
+        LongT5Config(**SIZE, **LONG, encoder_attention_type="transient-global", feed_forward_proj="gated-gelu")
+    ),
+}
+
+
+def source_model(name: str):
+    torch.manual_seed(0)
+    return SOURCES[name]().eval()
+
+
+def batch(seq: int = 23, seed: int = 0):
+    """Two rows, the second right-padded by 7 tokens; ids avoid pad (0) and eos (1)."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, SIZE["vocab_size"], (2, seq), generator=g)
+    mask = torch.ones_like(input_ids)
+    mask[1, seq - 7 :] = 0
+    return input_ids, mask, torch.randint(2, SIZE["vocab_size"], (2, 6), generator=g)
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_all_attention_swap_gives_the_original_logits(name):
+    source = source_model(name)
+    model = swap_encoder(source, ["attention"] * 3).eval()
+    assert isinstance(model, ScrollsSSMT5ForConditionalGeneration)
+    assert model.config.t5_family == source.config.model_type
+    input_ids, mask, labels = batch()
+    with torch.no_grad():
+        expected = source(input_ids=input_ids, attention_mask=mask, labels=labels)
+        actual = model(input_ids=input_ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["flan-t5", "longt5-tglobal"])
+def test_generate_matches_the_original(name):
+    source = source_model(name)
+    model = swap_encoder(source, ["attention"] * 3).eval()
+    input_ids, mask, _ = batch()
+    options = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    expected = source.generate(input_ids, **options)
+    torch.testing.assert_close(model.generate(input_ids, **options), expected, rtol=0, atol=0)
+    beams = model.generate(input_ids, num_beams=3, **options)
+    torch.testing.assert_close(beams, source.generate(input_ids, num_beams=3, **options), rtol=0, atol=0)
+
+
+def test_swap_keeps_norms_ffns_decoder_and_moves_the_position_table_to_the_first_attention_layer():
+    source = source_model("flan-t5")
+    model = swap_encoder(source, ["s4d", "attention", "mamba2"], mamba2_headdim=16)
+    theirs, ours = source.state_dict(), model.state_dict()
+    for i in range(3):
+        assert torch.equal(
+            ours[f"model.encoder.layers.{i}.mixer_layer_norm.weight"],
+            theirs[f"encoder.block.{i}.layer.0.layer_norm.weight"],
+        )
+        for name in ("DenseReluDense.wi_0.weight", "DenseReluDense.wo.weight", "layer_norm.weight"):
+            assert torch.equal(
+                ours[f"model.encoder.layers.{i}.ff.{name}"], theirs[f"encoder.block.{i}.layer.1.{name}"]
+            )
+    attention = "encoder.block.{}.layer.0.SelfAttention.{}.weight"
+    for proj in "qkvo":
+        assert torch.equal(ours[f"model.encoder.layers.1.mixer.{proj}.weight"], theirs[attention.format(1, proj)])
+    # block 0 held T5's shared relative position table; block 0 is now S4D, so attention layer 1 holds it
+    assert torch.equal(
+        ours["model.encoder.layers.1.mixer.relative_attention_bias.weight"],
+        theirs[attention.format(0, "relative_attention_bias")],
+    )
+    assert torch.equal(ours["model.encoder.final_layer_norm.weight"], theirs["encoder.final_layer_norm.weight"])
+    decoder = [name for name in theirs if name.startswith("decoder.") and "embed_tokens" not in name]
+    assert decoder and all(torch.equal(ours[f"model.{name}"], theirs[name]) for name in decoder)
+    assert torch.equal(ours["model.shared.weight"], theirs["shared.weight"])
+
+
+def test_the_shared_position_bias_reaches_a_later_attention_layer():
+    """With the table moved from block 0 to the first attention layer, an all-attention model whose layers are then
+    swapped still gives attention layer 2 the pretrained bias: compare with the original run layer by layer."""
+    source = source_model("t5")
+    model = swap_encoder(source, ["s4d", "attention", "attention"]).eval()
+    input_ids, mask, _ = batch()
+    hidden = torch.randn(2, input_ids.shape[1], SIZE["d_model"])
+    with torch.no_grad():
+        encoder = model.get_encoder()
+        inputs = encoder._attention_inputs(hidden, mask)
+        _, bias, _ = encoder.layers[1](hidden, mask, inputs, None)
+        ours, _, _ = encoder.layers[2](hidden, mask, inputs, bias)
+        block = source.encoder.block[2]
+        reference_bias = source.encoder.block[0].layer[0].SelfAttention.compute_bias(hidden.shape[1], hidden.shape[1])
+        theirs = block(hidden, inputs, reference_bias)[0]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [["s4d", "mamba2", "attention"], ["gss", "mamba", "s4d"]])
+def test_padding_invariance_with_state_space_layers(layers):
+    model = swap_encoder(source_model("longt5-tglobal"), layers, mamba2_headdim=16).eval()
+    input_ids, mask, labels = batch()
+    real = int(mask[1].sum())
+    with torch.no_grad():
+        padded = model(input_ids=input_ids, attention_mask=mask, labels=labels).logits[1]
+        alone = model(input_ids=input_ids[1:, :real], labels=labels[1:]).logits[0]
+    torch.testing.assert_close(padded, alone, rtol=0, atol=2e-5)
+
+
+def test_sixteen_thousand_tokens_forward_and_backward_with_state_space_layers():
+    config = ScrollsSSMT5Config(
+        **{**SIZE, "d_model": 16, "d_kv": 4, "d_ff": 16},
+        encoder_layer_types=["s4d", "mamba2", "attention"],
+        encoder_attention_type="local",
+        local_radius=64,
+        mamba2_headdim=8,
+        s4d_d_state=16,
+        mamba2_d_state=16,
+    )
+    torch.manual_seed(0)
+    model = ScrollsSSMT5ForConditionalGeneration(config)
+    input_ids = torch.randint(2, SIZE["vocab_size"], (1, 16384))
+    loss = model(input_ids=input_ids, labels=input_ids[:, :8]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.get_encoder().layers[0].mixer.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_no_length_ceiling_unless_one_is_set():
+    model = swap_encoder(source_model("t5"), ["s4d", "s4d", "attention"], max_source_positions=None).eval()
+    assert model.config.max_source_positions is None
+    input_ids = torch.randint(2, SIZE["vocab_size"], (1, 700))
+    with torch.no_grad():
+        model(input_ids=input_ids, decoder_input_ids=input_ids[:, :3])
+    limited = swap_encoder(source_model("t5"), ["s4d", "s4d", "attention"], max_source_positions=512)
+    with pytest.raises(ValueError, match=r"700 tokens.*max_source_positions=512.*no position table"):
+        limited(input_ids=input_ids, decoder_input_ids=input_ids[:, :3])
+
+
+def test_attention_window_becomes_local_attention_with_that_radius():
+    source = source_model("t5")
+    model = swap_encoder(source, ["attention"] * 3, attention_window=4).eval()
+    assert model.config.encoder_attention_type == "local" and model.config.local_radius == 4
+    # a window that covers the whole input is full attention: the original's logits
+    wide = swap_encoder(source, ["attention"] * 3, attention_window=64).eval()
+    input_ids, mask, labels = batch()
+    with torch.no_grad():
+        expected = source(input_ids=input_ids, attention_mask=mask, labels=labels).logits
+        torch.testing.assert_close(wide(input_ids=input_ids, attention_mask=mask, labels=labels).logits, expected)
+        narrow = model(input_ids=input_ids, attention_mask=mask, labels=labels).logits
+    assert (narrow - expected).abs().max() > 1e-3  # a 4-token radius on 23 tokens is not full attention
+
+
+def test_save_and_load_with_auto_classes(tmp_path):
+    model = swap_encoder(source_model("longt5-tglobal"), ["s4d", "attention", "gss"]).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "scrolls_ssm_t5" and config["t5_family"] == "longt5"
+    assert (
+        config["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling_scrolls_ssm_t5.ScrollsSSMT5ForConditionalGeneration"
+    )
+    loaded, info = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info
+    input_ids, mask, labels = batch()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=mask, labels=labels).logits
+        torch.testing.assert_close(
+            loaded.eval()(input_ids=input_ids, attention_mask=mask, labels=labels).logits, expected
+        )
+    assert loaded.config.scale_decoder_outputs == model.config.scale_decoder_outputs
+
+
+def test_trust_remote_code_load_without_the_package(tmp_path):
+    model = swap_encoder(source_model("flan-t5"), ["mamba2", "attention", "s4d"], mamba2_headdim=16).eval()
+    model.save_pretrained(tmp_path / "model")
+    input_ids, mask, labels = batch()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.item()
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.modules["scrolls_ssm"] = None  # any `import scrolls_ssm` now raises ImportError
+        from transformers import AutoModelForSeq2SeqLM
+        model = AutoModelForSeq2SeqLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ids, mask = torch.tensor({input_ids.tolist()}), torch.tensor({mask.tolist()})
+        with torch.no_grad():
+            print(model(input_ids=ids, attention_mask=mask, labels=torch.tensor({labels.tolist()})).loss.item())
+        """
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_bf16_autocast_training_step_on_cpu_has_a_finite_loss():
+    model = swap_encoder(source_model("flan-t5"), ["s4d", "mamba2", "attention"], mamba2_headdim=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    input_ids, mask, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_config_errors_name_the_field_and_the_valid_values():
+    with pytest.raises(
+        StrictDataclassError, match=r"ScrollsSSMT5Config.t5_family='bart'.*'t5', 'mt5', 'umt5', 'longt5'"
+    ):
+        ScrollsSSMT5Config(t5_family="bart")
+    with pytest.raises(StrictDataclassError, match=r"encoder_layer_types=\['s4d'\].*3 entries, as `num_layers`=3"):
+        ScrollsSSMT5Config(num_layers=3, encoder_layer_types=["s4d"])
+    with pytest.raises(StrictDataclassError, match=r"encoder_attention_type='transient-global'.*only LongT5"):
+        ScrollsSSMT5Config(encoder_attention_type="transient-global")
+    with pytest.raises(StrictDataclassError, match=r"encoder_attention_type='local'.*umT5"):
+        ScrollsSSMT5Config(t5_family="umt5", encoder_attention_type="local")
+
+
+def test_the_decoder_needs_decoder_inputs():
+    model = swap_encoder(source_model("t5"), ["attention"] * 3)
+    with pytest.raises(ValueError, match="decoder_start_token_id=0"):
+        model(input_ids=batch()[0])
