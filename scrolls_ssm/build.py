@@ -26,13 +26,16 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    T5Config,
 )
 
 from .config import ModelConfig, RunConfig, RunConfigError
-from .convert import load_tokenizer, swap_encoder
+from .convert import load_tokenizer, swap_encoder, t5_attention_window
 from .errors import hub_unreachable, offline_note, one_line, reach_hub_hint
 from .modeling.configuration_scrolls_ssm import ScrollsSSMConfig
+from .modeling.configuration_scrolls_ssm_t5 import ScrollsSSMT5Config
 from .modeling.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
+from .modeling.modeling_scrolls_ssm_t5 import ScrollsSSMT5ForConditionalGeneration
 from .optim import ssm_param_groups
 
 _Loaded = TypeVar("_Loaded")
@@ -79,22 +82,34 @@ def _config_field_error(error: StrictDataclassError) -> RunConfigError:
     return RunConfigError(text)
 
 
+# model.family -> the config class a from-scratch model is built from
+_FAMILY_CONFIGS = {"bart": ScrollsSSMConfig, "t5": ScrollsSSMT5Config}
+# Fields this toolkit adds to each family's transformers config: the only model.config keys allowed with model.base.
+_ADDED_FIELDS = (set(ScrollsSSMConfig.__dataclass_fields__) - set(BartConfig.__dataclass_fields__)) | (
+    set(ScrollsSSMT5Config.__dataclass_fields__) - set(T5Config.__dataclass_fields__)
+)
+
+
 def _check_config_keys(model_cfg: ModelConfig) -> None:
-    """model.config holds ScrollsSSMConfig fields only; with model.base, only those the checkpoint does not fix."""
-    fields = [name for name in ScrollsSSMConfig.__dataclass_fields__ if not name.startswith("_")]
+    """model.config holds fields of the family's config only; with model.base, only those the checkpoint does not
+    fix (the mixer fields and their kin)."""
+    swapping = bool(model_cfg.base and not model_cfg.init_from)
+    config_cls = _FAMILY_CONFIGS[model_cfg.family]
+    families = _FAMILY_CONFIGS.values() if swapping else [config_cls]  # with model.base, either family's fields
+    fields = sorted({name for cls in families for name in cls.__dataclass_fields__ if not name.startswith("_")})
     for key, value in model_cfg.config.items():
         if key in _OWN_KEYS:
             raise RunConfigError(f"model.config.{key}={value!r}: set {_OWN_KEYS[key]} instead (it has its own key).")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"Did you mean {close[0]!r}?" if close else "See ScrollsSSMConfig for the valid fields."
-            raise RunConfigError(f"unknown model.config key {key!r} (model.config.{key}={value!r}). {hint}")
-        if model_cfg.base and not model_cfg.init_from and key in BartConfig.__dataclass_fields__:
+            hint = f"Did you mean {close[0]!r}?" if close else f"See {config_cls.__name__} for the valid fields."
+            scope = "" if swapping else f" for model.family={model_cfg.family}"
+            raise RunConfigError(f"unknown model.config key {key!r} (model.config.{key}={value!r}){scope}. {hint}")
+        if swapping and key not in _ADDED_FIELDS:
             raise RunConfigError(
-                f"model.config.{key}={value!r}: BART's own fields come from the model.base checkpoint "
-                f"({model_cfg.base!r}), so model.config may only set the mixer fields (ssm_*, s4d_*, mamba_*, "
-                "mamba2_*, gss_*) here. Fix: drop it, or set model.base=null to build the architecture from "
-                "model.config."
+                f"model.config.{key}={value!r}: with model.base ({model_cfg.base!r}), the architecture comes from "
+                "the checkpoint, so model.config may only set the mixer fields (ssm_*, s4d_*, mamba_*, mamba2_*, "
+                "gss_*, ...) here. Fix: drop it, or set model.base=null to build the architecture from model.config."
             )
 
 
@@ -113,7 +128,10 @@ def build_tokenizer(
 
         try:
             tokenizer = train_sentencepiece_tokenizer(
-                training_texts(), tokenizer_dir / "_sentencepiece", vocab_size=model_cfg.tokenizer_vocab_size
+                training_texts(),
+                tokenizer_dir / "_sentencepiece",
+                vocab_size=model_cfg.tokenizer_vocab_size,
+                style=model_cfg.family,  # T5's special-token layout for model.family=t5
             )
         except RuntimeError as error:
             if "vocab_size" not in str(error):  # SentencePiece's own check; anything else is not the config's fault
@@ -158,17 +176,20 @@ def _build(
         model = _load_pretrained("model.init_from", model_cfg.init_from, AutoModelForSeq2SeqLM.from_pretrained)
     elif model_cfg.base:
         base_config = _load_pretrained("model.base", model_cfg.base, AutoConfig.from_pretrained)
-        layers = model_cfg.encoder_layer_types or ["attention"] * base_config.encoder_layers
-        if len(layers) != base_config.encoder_layers:
-            example = ",".join(["s4d"] * (base_config.encoder_layers - 1) + ["attention"])
+        count = encoder_layer_count(base_config)
+        layers = model_cfg.encoder_layer_types or ["attention"] * count
+        if len(layers) != count:
+            example = ",".join(["s4d"] * (count - 1) + ["attention"])
             raise RunConfigError(
                 f"model.encoder_layer_types={layers!r} is invalid: expected one entry per encoder layer, and "
-                f"model.base {model_cfg.base!r} has {base_config.encoder_layers} encoder layers. Fix: give "
-                f"{base_config.encoder_layers} mixer kinds, e.g. model.encoder_layer_types=[{example}]."
+                f"model.base {model_cfg.base!r} has {count} encoder layers. Fix: give {count} mixer kinds, e.g. "
+                f"model.encoder_layer_types=[{example}]."
             )
         model = _load_pretrained(
             "model.base", model_cfg.base, lambda name: swap_encoder(name, layers, **layout, **model_cfg.config)
         )
+    elif model_cfg.family == "t5":
+        model = ScrollsSSMT5ForConditionalGeneration(_t5_config_from_scratch(model_cfg, tokenizer))
     else:
         special = {
             "vocab_size": len(tokenizer),
@@ -184,6 +205,29 @@ def _build(
             fields.setdefault("encoder_layers", len(model_cfg.encoder_layer_types))
         model = ScrollsSSMForConditionalGeneration(ScrollsSSMConfig(**fields))
     return model
+
+
+def _t5_config_from_scratch(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> ScrollsSSMT5Config:
+    """A T5-family architecture from model.config; the decoder starts from the pad token, as T5's does."""
+    fields = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "decoder_start_token_id": tokenizer.pad_token_id,
+        **model_cfg.config,
+        "max_source_positions": model_cfg.max_source_positions,
+        **t5_attention_window(model_cfg.attention_window),
+    }
+    if model_cfg.encoder_layer_types is not None:
+        fields["encoder_layer_types"] = model_cfg.encoder_layer_types
+        fields.setdefault("num_layers", len(model_cfg.encoder_layer_types))
+    return ScrollsSSMT5Config(**fields)
+
+
+def encoder_layer_count(config: PretrainedConfig) -> int:
+    """The number of encoder layers of a BART / LED (`encoder_layers`) or T5-family (`num_layers`) config."""
+    count = getattr(config, "encoder_layers", None)
+    return count if isinstance(count, int) else config.num_layers
 
 
 def encoder_length_limit(config: PretrainedConfig) -> int:

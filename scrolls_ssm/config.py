@@ -24,8 +24,13 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    # A BART / LED checkpoint (Hub id or path) whose encoder is swapped; None trains from scratch (see `config`).
+    # A BART, LED or T5-family (T5, Flan-T5, mT5, umT5, LongT5) checkpoint (Hub id or path) whose encoder is swapped;
+    # None trains from scratch (see `config` and `family`).
     base: str | None = "facebook/bart-base"
+    # The architecture built from scratch when `base` is None: "bart" (ScrollsSSMConfig) or "t5" (ScrollsSSMT5Config:
+    # pre-norm RMS-norm blocks, gated FFN if model.config says so, relative positions, T5's decoder). With `base`, the
+    # checkpoint decides.
+    family: str = "bart"
     # A saved scrolls_ssm model directory to start from instead (e.g. to fine-tune further); overrides `base`.
     init_from: str | None = None
     # One mixer kind per encoder layer; None keeps every layer `attention` (plain BART, longer positions).
@@ -79,7 +84,8 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
+    # "auto": bf16 on a GPU that has it, else float32 (T5-family models overflow in fp16; bf16 has float32's range).
+    mixed_precision: str = "auto"
     # Write a resumable checkpoint every N optimizer steps (and at every epoch end); keep the newest `keep`.
     checkpoint_every_steps: int | None = None
     keep_checkpoints: int = 2
@@ -179,7 +185,8 @@ def _parse_yaml(text: str):
 
 
 CHOICES = {
-    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "model.family": ("bart", "t5"),
     "eval.best_metric": ("loss", "score"),
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
     "data.eval_split": ("train", "validation", "test"),

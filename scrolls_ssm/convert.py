@@ -245,11 +245,8 @@ def _scrolls_t5_config(source_config, encoder_layer_types, max_source_positions,
         fields["global_block_size"] = source_config.global_block_size
         fields["encoder_attention_type"] = source_config.encoder_attention_type
     overrides = dict(overrides)
-    window = overrides.pop("attention_window", None)
-    if window is not None:
-        fields["local_radius"] = window
-        if fields.get("encoder_attention_type", "full") == "full":
-            fields["encoder_attention_type"] = "local"
+    window = t5_attention_window(overrides.pop("attention_window", None), fields.get("encoder_attention_type"))
+    fields.update(window)
     return ScrollsSSMT5Config(
         **fields,
         t5_family=family,
@@ -257,6 +254,16 @@ def _scrolls_t5_config(source_config, encoder_layer_types, max_source_positions,
         max_source_positions=max_source_positions,
         **overrides,
     )
+
+
+def t5_attention_window(window: int | None, attention_type: str | None = None) -> dict:
+    """The T5-family config fields for the toolkit's `attention_window`: none for None; else LongT5's local attention
+    with radius `window` (each token sees `window` tokens either side), or that radius for the local part of an
+    `attention_type` that is already local or transient-global."""
+    if window is None:
+        return {}
+    kind = attention_type if attention_type in ("local", "transient-global") else "local"
+    return {"local_radius": window, "encoder_attention_type": kind}
 
 
 _T5_ATTENTION_MODULES = ("SelfAttention", "LocalSelfAttention", "TransientGlobalSelfAttention")

@@ -403,14 +403,55 @@ def _bpe_merges(vocab: Mapping[str, int]) -> list[tuple[str, str]]:
     return [(left, right) for *_, left, right in sorted(merges)]
 
 
+def _write_corpus(texts: Iterable[str], corpus: Path, max_lines: int) -> None:
+    with open(corpus, "w", encoding="utf-8") as handle:
+        for count, line in enumerate(_training_lines(texts)):
+            if count >= max_lines:
+                break
+            handle.write(line + "\n")
+
+
+def _train_t5_sentencepiece(
+    texts: Iterable[str], out: Path, vocab_size: int, max_lines: int, split_digits: bool
+) -> PreTrainedTokenizerBase:
+    """A T5-style SentencePiece Unigram model in `out/spiece.model`, loaded as T5 checkpoints' models are."""
+    from transformers import T5Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        _write_corpus(texts, corpus, max_lines)
+        spm.SentencePieceTrainer.train(
+            input=str(corpus),
+            model_prefix=str(out / "spiece"),
+            model_type="unigram",
+            vocab_size=vocab_size,
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            character_coverage=1.0,
+            split_digits=split_digits,
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+    return T5Tokenizer.from_pretrained(out, extra_ids=0)
+
+
 def train_sentencepiece_tokenizer(
     texts: Iterable[str],
     out_dir: str | os.PathLike[str],
     vocab_size: int = 1000,
     max_lines: int = 200_000,
     split_digits: bool = False,
+    style: str = "bart",
 ) -> PreTrainedTokenizerBase:
-    """Train a SentencePiece BPE model in-process and return it as a `transformers` fast tokenizer.
+    """Train a SentencePiece model in-process and return it as a `transformers` tokenizer.
+
+    `style="bart"` (the default) gives the BPE tokenizer described below. `style="t5"` gives a T5-family one: a
+    SentencePiece Unigram model with T5's ids (<pad>=0, </s>=1, <unk>=2, no <s>; an encoded text is `... </s>`),
+    written as `out_dir/spiece.model` and loaded the way a T5 checkpoint's SentencePiece model is loaded
+    (`T5Tokenizer.from_pretrained(out_dir)`, offline), without T5's 100 sentinel tokens (they serve span-corruption
+    pretraining only). Use it to train a `model.family=t5` model from scratch.
 
     The ids are BART's (<s>=0, <pad>=1, </s>=2, <unk>=3) and an encoded text is `<s> ... </s>`, as BART's is, so
     the model config's special ids and `decoder_start_token_id=</s>` mean the same as for a BART checkpoint. The
@@ -420,15 +461,15 @@ def train_sentencepiece_tokenizer(
     `split_digits=True` makes every digit a piece of its own, so a number is always split the same way (one token per
     digit) wherever it occurs: what a model that copies numbers needs.
     """
+    if style not in ("bart", "t5"):
+        raise ValueError(f"style={style!r} is not a tokenizer style; expected 'bart' or 't5'.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if style == "t5":
+        return _train_t5_sentencepiece(texts, out, vocab_size, max_lines, split_digits)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
-        with open(corpus, "w", encoding="utf-8") as handle:
-            for count, line in enumerate(_training_lines(texts)):
-                if count >= max_lines:
-                    break
-                handle.write(line + "\n")
+        _write_corpus(texts, corpus, max_lines)
         spm.SentencePieceTrainer.train(
             input=str(corpus),
             model_prefix=str(out / "spm"),

@@ -52,7 +52,7 @@ def train(cfg: RunConfig) -> dict:
     its tokenizer come from `model.init_from` (or `model.base`)."""
     out = Path(cfg.train.output_dir)
     accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=_trackers(out),
         project_dir=str(out),
@@ -70,6 +70,15 @@ def train(cfg: RunConfig) -> dict:
             accelerator.print(f"{task}/{split}: {shown}")
     accelerator.print(f"outputs in {out}")
     return results
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """`train.mixed_precision` as accelerate takes it: "auto" is bf16 on a CUDA device that supports it (Ampere and
+    newer), else "no". bf16 has float32's exponent range, so the T5 family, whose activations overflow float16, trains
+    in it safely; on a CPU, bf16 autocast is slower than float32, so "auto" stays in float32 there."""
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def _claim_folder(accelerator: Accelerator, cfg: RunConfig, lock: RunFolderLock) -> list[Path]:
@@ -106,6 +115,12 @@ def _run(cfg: RunConfig, accelerator: Accelerator, out: Path, resume_candidates:
         raw_train = {task: _load(cfg, task, "train", data_dir) for task in cfg.data.tasks} if training else None
         tokenizer = build_tokenizer(cfg.model, out / "tokenizer", lambda: _training_texts(cfg, raw_train))
         model = build_model(cfg.model, tokenizer)
+        if accelerator.mixed_precision == "fp16" and model.config.model_type == "scrolls_ssm_t5":
+            accelerator.print(
+                "warning: train.mixed_precision=fp16 with a T5-family model: T5's activations overflow float16 (the "
+                "blocks clamp infinities, which hides rather than fixes it). Use bf16 (train.mixed_precision=auto "
+                "picks it where the GPU has it) or no."
+            )
         source_limit = encoder_length_limit(model.config)
         if training and not resume_candidates and (cfg.transfer.steps or cfg.transfer.distill_steps):
             _transfer_stage(cfg, accelerator, model, tokenizer, raw_train, source_limit, out)

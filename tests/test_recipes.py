@@ -74,7 +74,7 @@ def test_layout_override_and_precedence():
         ("train.num_epochs=ten", r"train.num_epochs='ten' .* wrong type: expected int"),
         (
             "train.mixed_precision=fp8",
-            r"train.mixed_precision='fp8' is not valid; choose one of \['no', 'bf16', 'fp16'\]",
+            r"train.mixed_precision='fp8' is not valid; choose one of \['auto', 'no', 'bf16', 'fp16'\]",
         ),
         ("model=3", "'model' .* is a section"),
         ("no_equals_sign", "is not of the form key=value"),

@@ -261,3 +261,108 @@ def test_the_decoder_needs_decoder_inputs():
     model = swap_encoder(source_model("t5"), ["attention"] * 3)
     with pytest.raises(ValueError, match="decoder_start_token_id=0"):
         model(input_ids=batch()[0])
+
+
+# --- tokenizers and the training loop --------------------------------------------------------------------------------
+
+
+def test_a_t5_style_sentencepiece_tokenizer_trains_and_loads_offline(tmp_path):
+    from transformers import AutoTokenizer, T5Tokenizer
+
+    from scrolls_ssm.synthetic import train_sentencepiece_tokenizer
+
+    texts = [f"the report number {i} says the cat sat on the mat for {i * 7} days" for i in range(300)]
+    tokenizer = train_sentencepiece_tokenizer(texts, tmp_path / "spm", vocab_size=120, style="t5", split_digits=True)
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    assert tokenizer.bos_token_id is None
+    ids = tokenizer("the cat sat 1234").input_ids
+    assert ids[-1] == 1 and 0 not in ids  # `... </s>`, no <s>
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "the cat sat 1234"
+    # the SentencePiece model itself loads as a T5 checkpoint's spiece.model does
+    bare = T5Tokenizer.from_pretrained(tmp_path / "spm", extra_ids=0)
+    assert bare("the cat sat 1234").input_ids == ids
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved")("the cat sat 1234").input_ids == ids
+    with pytest.raises(ValueError, match="style='gpt'.*'bart' or 't5'"):
+        train_sentencepiece_tokenizer(texts, tmp_path / "x", style="gpt")
+
+
+@pytest.mark.parametrize("family", ["t5", "longt5"])
+def test_a_recipe_run_swaps_a_t5_family_base_trains_and_scores(tmp_path, family):
+    from scrolls_ssm.config import load_run_config
+    from scrolls_ssm.train import train
+    from tests.training_fixtures import overrides, write_task_data, write_tiny_t5
+
+    base, data = write_tiny_t5(tmp_path / "base", family), write_task_data(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = overrides(base, data, out, "model.encoder_layer_types=[s4d,attention]", "train.checkpoint_every_steps=3")
+    results = train(load_run_config(None, argv))
+    assert results["contract_nli"]["validation"]["num_predicted"] == 9
+    model = AutoModelForSeq2SeqLM.from_pretrained(out / "model")
+    assert model.config.model_type == "scrolls_ssm_t5" and model.config.t5_family == family
+    assert model.config.encoder_layer_types == ["s4d", "attention"] and model.config.max_source_positions == 96
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evaluations = [r["eval/loss"] for r in log if "eval/loss" in r]
+    assert len(evaluations) == 2 and evaluations[1] < evaluations[0]
+    predictions = json.loads((out / "predictions" / "validation" / "contract_nli.json").read_text())
+    assert len(predictions) == 9 and all(isinstance(text, str) for text in predictions.values())
+    # the same command with --resume after the end redoes nothing and keeps the metrics
+    again = train(load_run_config(None, [*argv, "train.resume=auto"]))
+    assert again == results
+
+
+def test_a_t5_family_model_trains_from_scratch_with_its_own_tokenizer(tmp_path):
+    from scrolls_ssm.config import load_run_config
+    from scrolls_ssm.train import train
+    from tests.training_fixtures import write_task_data
+
+    data, out = write_task_data(tmp_path / "data"), tmp_path / "run"
+    argv = [
+        "model.base=null",
+        "model.family=t5",
+        "model.tokenizer_vocab_size=120",
+        "model.encoder_layer_types=[s4d,attention]",
+        "model.attention_window=16",
+        "model.max_source_positions=96",
+        "model.config={d_model: 32, d_kv: 8, d_ff: 64, num_heads: 4, num_decoder_layers: 1}",
+        "model.config.feed_forward_proj=gated-gelu",
+        f"data.data_dir={data}",
+        "data.tasks=[contract_nli]",
+        "data.max_tokens_per_batch=300",
+        f"train.output_dir={out}",
+        "train.num_epochs=1",
+        "train.learning_rate=2e-3",
+    ]
+    train(load_run_config(None, argv))
+    model = AutoModelForSeq2SeqLM.from_pretrained(out / "model")
+    assert model.config.model_type == "scrolls_ssm_t5" and model.config.is_gated_act
+    assert model.config.encoder_attention_type == "local" and model.config.local_radius == 16
+    tokenizer = (out / "tokenizer" / "tokenizer_config.json").read_text()
+    assert "T5Tokenizer" in tokenizer
+    assert (model.config.pad_token_id, model.config.eos_token_id, model.config.decoder_start_token_id) == (0, 1, 0)
+
+
+def test_model_config_keys_are_checked_against_the_family(tmp_path):
+    from scrolls_ssm.build import build_model
+    from scrolls_ssm.config import RunConfigError, load_run_config
+
+    cfg = load_run_config(None, ["model.base=null", "model.family=t5", "model.config={encoder_ffn_dim: 64}"])
+    with pytest.raises(RunConfigError, match=r"unknown model.config key 'encoder_ffn_dim'.*model.family=t5"):
+        build_model(cfg.model, tokenizer=None)
+    cfg = load_run_config(None, ["model.base=google/flan-t5-base", "model.config={d_ff: 64}"])
+    with pytest.raises(RunConfigError, match=r"model.config.d_ff=64: with model.base.*architecture comes from"):
+        build_model(cfg.model, tokenizer=None)
+
+
+def test_mixed_precision_auto_is_bf16_only_where_a_gpu_has_it(monkeypatch):
+    from scrolls_ssm.train import resolve_mixed_precision
+
+    for explicit in ("no", "bf16", "fp16"):
+        assert resolve_mixed_precision(explicit) == explicit
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_mixed_precision("auto") == "no"  # CPU: bf16 autocast is slower than float32 there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_mixed_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_mixed_precision("auto") == "no"  # e.g. a V100: no bf16, and fp16 is unsafe for T5

@@ -54,6 +54,37 @@ def write_tiny_bart(root: Path, dropout: float = 0.1) -> Path:
     return root
 
 
+def write_tiny_t5(root: Path, family: str = "t5") -> Path:
+    """A random-init T5 v1.1 / Flan-T5-style (gated-GELU, `family="t5"`) or LongT5 transient-global
+    (`family="longt5"`) checkpoint, 2 encoder layers, with a T5-style SentencePiece tokenizer trained here."""
+    from transformers import LongT5Config, LongT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    from scrolls_ssm.synthetic import train_sentencepiece_tokenizer
+
+    texts = [row["input"] + " " + row["output"] for row in scrolls_rows("train", 60, seed=1)]
+    tokenizer = train_sentencepiece_tokenizer(texts + LABELS * 5, root / "_spm", vocab_size=150, style="t5")
+    size = dict(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(0)
+    if family == "longt5":
+        config = LongT5Config(**size, local_radius=15, global_block_size=8, encoder_attention_type="transient-global")
+        model = LongT5ForConditionalGeneration(config)
+    else:
+        model = T5ForConditionalGeneration(T5Config(**size, tie_word_embeddings=False))
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
 def overrides(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"model.base={base}",

@@ -42,12 +42,21 @@ from .configuration_scrolls_ssm_t5 import ScrollsSSMT5Config
 from .mixers import build_mixer
 from .modeling_scrolls_ssm import ScrollsSSMModelMixin, ScrollsSSMPreTrainedModel, _output_flags, _token_cross_entropy
 
+
+class LongT5DecoderStack(LongT5Stack):
+    """LongT5's decoder stack, which has only its eager attention: asked for another implementation (SDPA is the
+    default elsewhere in the model), it keeps eager instead of refusing, so the whole model takes any setting."""
+
+    def get_correct_attn_implementation(self, requested_attention, *args, **kwargs) -> str:
+        return "eager"
+
+
 # t5_family -> (full attention class, decoder stack class)
 _FAMILY_MODULES = {
     "t5": (T5Attention, T5Stack),
     "mt5": (MT5Attention, MT5Stack),
     "umt5": (UMT5Attention, UMT5Stack),
-    "longt5": (T5Attention, LongT5Stack),
+    "longt5": (T5Attention, LongT5DecoderStack),
 }
 _LOCAL_ATTENTION = {"local": LongT5LocalAttention, "transient-global": LongT5TransientGlobalAttention}
 
@@ -277,8 +286,7 @@ def _build_decoder(config: ScrollsSSMT5Config) -> PreTrainedModel:
     decoder_config = copy.deepcopy(config)
     decoder_config.is_decoder = True
     decoder_config.num_layers = config.num_decoder_layers
-    # The stack picks its own default attention implementation: LongT5's decoder has only its eager one.
-    decoder_config._attn_implementation_internal = None
+    decoder_config._attn_implementation_internal = None  # the stack picks its own (LongT5's: eager)
     return _FAMILY_MODULES[config.t5_family][1](decoder_config)
 
 
