@@ -172,7 +172,8 @@ def _config_settings(pairs: Sequence[str]) -> dict:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    """Swap a BART / LED checkpoint's encoder and, with --transfer-data, transfer its attention into the new mixers."""
+    """Swap a BART, LED or T5-family checkpoint's encoder and, with --transfer-data, transfer its attention into the
+    new mixers."""
     import shutil
 
     import torch
@@ -368,7 +369,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Swap the encoder of a BART / LED checkpoint layer by layer and save it; with --transfer-data, "
         "first train every new mixer to reproduce the attention layer it replaces (docs/transfer.md).",
     )
-    convert.add_argument("--base", required=True, help="a BART / LED checkpoint: local folder or Hub id")
+    convert.add_argument("--base", required=True, help="a BART, LED or T5-family checkpoint: local folder or Hub id")
     convert.add_argument("--layers", required=True, help="one mixer kind per encoder layer, e.g. s4d,s4d,attention")
     convert.add_argument("--out", required=True, help="the folder to write (model, tokenizer, conversion.json)")
     convert.add_argument("--max-source-positions", type=_positive_int, default=16384, help="encoder length limit")

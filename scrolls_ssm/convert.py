@@ -245,6 +245,7 @@ def _scrolls_t5_config(source_config, encoder_layer_types, max_source_positions,
         fields["global_block_size"] = source_config.global_block_size
         fields["encoder_attention_type"] = source_config.encoder_attention_type
     overrides = dict(overrides)
+    overrides.pop("encoder_positions", None)  # BART's position-table switch: a T5-family encoder has no table
     window = t5_attention_window(overrides.pop("attention_window", None), fields.get("encoder_attention_type"))
     fields.update(window)
     return ScrollsSSMT5Config(

@@ -63,6 +63,20 @@ def text_infilling(
     return noised + body[position:] + list(tail)
 
 
+def infilling_mask_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that replaces a span in text infilling: the mask token, else T5's first sentinel."""
+    if tokenizer.mask_token_id is not None:
+        return tokenizer.mask_token_id
+    sentinel = tokenizer.get_vocab().get("<extra_id_0>")
+    if sentinel is not None:
+        return sentinel
+    raise ValueError(
+        f"{type(tokenizer).__name__} has no mask token (nor T5's <extra_id_0> sentinel), which text infilling needs. "
+        "Fix: tokenizer.add_special_tokens({'mask_token': '<mask>'}) (and resize the model's embeddings), or use a "
+        "BART- or T5-family tokenizer."
+    )
+
+
 def denoising_batches(
     texts: Iterable[str],
     tokenizer: PreTrainedTokenizerBase,
@@ -75,18 +89,13 @@ def denoising_batches(
     """Documents as text-infilling batches: `input_ids` / `attention_mask` the noised document (cut to `max_length`
     tokens first), `labels` the clean one (padding -100). Sorted by length and grouped under `max_tokens` tokens per
     batch (counted on the clean documents, padding included). The noise is fixed by `seed`, so every model scored
-    on these batches sees the same inputs. The tokenizer needs a mask token (BART's `<mask>`)."""
-    if tokenizer.mask_token_id is None:
-        raise ValueError(
-            f"{type(tokenizer).__name__} has no mask token, which text infilling needs. Fix: "
-            "tokenizer.add_special_tokens({'mask_token': '<mask>'}) (and resize the model's embeddings), or use "
-            "a BART-family tokenizer."
-        )
+    on these batches sees the same inputs. The tokenizer needs a mask token: BART's `<mask>`, or a T5-family
+    tokenizer's first sentinel `<extra_id_0>`, which then stands for every span (BART's objective, T5's token)."""
+    mask = infilling_mask_token_id(tokenizer)
     generator = torch.Generator().manual_seed(seed)
     clean = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts if text.strip()]
     if not clean:
         raise ValueError("denoising needs at least one non-empty document.")
-    mask = tokenizer.mask_token_id
     pairs = [(text_infilling(ids, mask, generator, mask_ratio, poisson_lambda), ids) for ids in clean]
     batches = group_under_budget(pairs, lambda pair: len(pair[1]), max_tokens)
     return [_pad(batch, tokenizer.pad_token_id) for batch in batches]

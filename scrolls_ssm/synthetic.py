@@ -412,7 +412,7 @@ def _write_corpus(texts: Iterable[str], corpus: Path, max_lines: int) -> None:
 
 
 def _train_t5_sentencepiece(
-    texts: Iterable[str], out: Path, vocab_size: int, max_lines: int, split_digits: bool
+    texts: Iterable[str], out: Path, vocab_size: int, max_lines: int, split_digits: bool, extra_ids: int
 ) -> PreTrainedTokenizerBase:
     """A T5-style SentencePiece Unigram model in `out/spiece.model`, loaded as T5 checkpoints' models are."""
     from transformers import T5Tokenizer
@@ -434,7 +434,7 @@ def _train_t5_sentencepiece(
             hard_vocab_limit=False,
             minloglevel=2,
         )
-    return T5Tokenizer.from_pretrained(out, extra_ids=0)
+    return T5Tokenizer.from_pretrained(out, extra_ids=extra_ids)
 
 
 def train_sentencepiece_tokenizer(
@@ -444,14 +444,16 @@ def train_sentencepiece_tokenizer(
     max_lines: int = 200_000,
     split_digits: bool = False,
     style: str = "bart",
+    extra_ids: int = 0,
 ) -> PreTrainedTokenizerBase:
     """Train a SentencePiece model in-process and return it as a `transformers` tokenizer.
 
     `style="bart"` (the default) gives the BPE tokenizer described below. `style="t5"` gives a T5-family one: a
     SentencePiece Unigram model with T5's ids (<pad>=0, </s>=1, <unk>=2, no <s>; an encoded text is `... </s>`),
     written as `out_dir/spiece.model` and loaded the way a T5 checkpoint's SentencePiece model is loaded
-    (`T5Tokenizer.from_pretrained(out_dir)`, offline), without T5's 100 sentinel tokens (they serve span-corruption
-    pretraining only). Use it to train a `model.family=t5` model from scratch.
+    (`T5Tokenizer.from_pretrained(out_dir)`, offline), with `extra_ids` sentinel tokens `<extra_id_0>`, ... at the end
+    of the vocabulary (T5 checkpoints have 100; they mark masked spans in denoising, none are needed to fine-tune).
+    Use it to train a `model.family=t5` model from scratch.
 
     The ids are BART's (<s>=0, <pad>=1, </s>=2, <unk>=3) and an encoded text is `<s> ... </s>`, as BART's is, so
     the model config's special ids and `decoder_start_token_id=</s>` mean the same as for a BART checkpoint. The
@@ -466,7 +468,7 @@ def train_sentencepiece_tokenizer(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if style == "t5":
-        return _train_t5_sentencepiece(texts, out, vocab_size, max_lines, split_digits)
+        return _train_t5_sentencepiece(texts, out, vocab_size, max_lines, split_digits, extra_ids)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         _write_corpus(texts, corpus, max_lines)

@@ -20,8 +20,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -40,9 +42,10 @@ def attention_teacher(
     student: ScrollsSSMForConditionalGeneration,
     attention_window: int | None = None,
 ) -> ScrollsSSMForConditionalGeneration:
-    """The original checkpoint `base` (BART or LED, a model or a path / Hub id) with every encoder layer `attention`,
+    """The original checkpoint `base` (BART, LED or T5 family, a model or a path / Hub id) with every encoder layer
+    `attention`,
     at the student's length limit, in eval mode and without gradients."""
-    layers = ["attention"] * student.config.encoder_layers
+    layers = ["attention"] * len(student.config.encoder_layer_types)
     teacher = swap_encoder(
         base, layers, max_source_positions=student.config.max_source_positions, attention_window=attention_window
     )
@@ -78,21 +81,41 @@ def reuse_attention_weights(
     return done
 
 
+class _Projections(NamedTuple):
+    """An attention layer's projection weights, whatever its family calls them (BART `q_proj`, T5 `q`)."""
+
+    q: torch.Tensor  # (inner, d_model), inner = heads * head_dim
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor  # (d_model, inner)
+    num_heads: int
+    head_dim: int
+
+
+def _projections(attention: nn.Module) -> _Projections:
+    if hasattr(attention, "q_proj"):  # BART / LED
+        names, heads, head_dim = ("q_proj", "k_proj", "v_proj", "out_proj"), attention.num_heads, attention.head_dim
+    else:  # the T5 family
+        names, heads, head_dim = ("q", "k", "v", "o"), attention.n_heads, attention.key_value_proj_dim
+    return _Projections(*(getattr(attention, name).weight for name in names), heads, head_dim)
+
+
 def _reuse_in_mamba2(mixer: nn.Module, attention: nn.Module) -> None:
+    attention = _projections(attention)
     d_inner, bc_width = mixer.d_inner, mixer.groups * mixer.d_state
     rows = mixer.in_proj.weight  # (z, x, B, C, dt) stacked
     # B and C: the K and Q rows, tiled to the groups' width. With one group per attention head and d_state = the
     # head size the width is d_model, and group g's rows are exactly head g's.
-    rows[2 * d_inner : 2 * d_inner + bc_width] = tile_positions(attention.k_proj.weight, bc_width)
-    rows[2 * d_inner + bc_width : 2 * d_inner + 2 * bc_width] = tile_positions(attention.q_proj.weight, bc_width)
+    rows[2 * d_inner : 2 * d_inner + bc_width] = tile_positions(attention.k, bc_width)
+    rows[2 * d_inner + bc_width : 2 * d_inner + 2 * bc_width] = tile_positions(attention.q, bc_width)
     if mixer.groups == attention.num_heads and mixer.d_state == attention.head_dim:
         _reuse_value_and_output_per_head(mixer, attention)
     else:
-        rows[d_inner : 2 * d_inner] = tile_positions(attention.v_proj.weight, d_inner)
+        rows[d_inner : 2 * d_inner] = tile_positions(attention.v, d_inner)
         _reuse_output(mixer.out_proj, attention)
 
 
-def _reuse_value_and_output_per_head(mixer: nn.Module, attention: nn.Module) -> None:
+def _reuse_value_and_output_per_head(mixer: nn.Module, attention: _Projections) -> None:
     """One group of Mamba-2 heads per attention head g: each head of group g reads head g's V rows as x (tiled to
     the head size), and `out_proj` gives each of them head g's block of O, divided by the heads per group (their
     mean)."""
@@ -101,31 +124,32 @@ def _reuse_value_and_output_per_head(mixer: nn.Module, attention: nn.Module) -> 
     rows = mixer.in_proj.weight
     mixer.out_proj.weight.zero_()
     for g in range(mixer.groups):
-        value = attention.v_proj.weight[g * head : (g + 1) * head]
+        value = attention.v[g * head : (g + 1) * head]
         start = mixer.d_inner + g * group_width
         rows[start : start + group_width] = torch.cat([tile_positions(value, mixer.head_dim)] * per_group)
-        output = attention.out_proj.weight[:, g * head : (g + 1) * head] / per_group
+        output = attention.o[:, g * head : (g + 1) * head] / per_group
         columns = mixer.out_proj.weight[:, g * group_width : (g + 1) * group_width]
         columns.copy_(torch.cat([tile_positions(output.T, mixer.head_dim).T] * per_group, dim=1))
 
 
 def _reuse_in_mamba(mixer: nn.Module, attention: nn.Module) -> None:
+    attention = _projections(attention)
     d_inner = mixer.out_proj.weight.shape[1]
-    value = tile_positions(attention.v_proj.weight, d_inner)  # (d_inner, d_model)
+    value = tile_positions(attention.v, d_inner)  # (d_inner, d_model)
     mixer.in_proj.weight[:d_inner] = value  # (x, z) stacked
     from_value = torch.linalg.pinv(value.double())  # (d_model, d_inner): x -> the layer input it came from
     for direction in (mixer.forward_ssm, mixer.backward_ssm):
         rank, d_state = direction.dt_rank, direction.d_state
         rows = direction.x_proj.weight  # (dt, B, C) stacked, each reading x
-        for offset, source in ((rank, attention.k_proj.weight), (rank + d_state, attention.q_proj.weight)):
+        for offset, source in ((rank, attention.k), (rank + d_state, attention.q)):
             rows[offset : offset + d_state] = (tile_positions(source, d_state).double() @ from_value).to(rows.dtype)
     _reuse_output(mixer.out_proj, attention)
 
 
-def _reuse_output(out_proj: nn.Linear, attention: nn.Module) -> None:
-    d_model = attention.out_proj.weight.shape[1]
+def _reuse_output(out_proj: nn.Linear, attention: _Projections) -> None:
+    inner = attention.o.shape[1]  # the attention's heads * head size (d_model, except in a few T5 sizes)
     out_proj.weight.zero_()
-    out_proj.weight[:, :d_model] = attention.out_proj.weight
+    out_proj.weight[:, :inner] = attention.o[:, : out_proj.weight.shape[1]]
 
 
 def swapped_layers(student: ScrollsSSMForConditionalGeneration) -> list[int]:
@@ -196,7 +220,9 @@ class _Capture:
         self.handles = [blocks[index].mixer.register_forward_hook(self._hook(index)) for index in layers]
 
     def _hook(self, index: int):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor | tuple) -> None:
+            # T5-family attention modules return (output, position bias, ...): the output comes first.
+            output = output[0] if isinstance(output, tuple) else output
             self.records[index] = (inputs[0].detach(), output.detach())
 
         return hook
@@ -465,7 +491,10 @@ def original_position_limit(base: PreTrainedModel | str | os.PathLike) -> int:
     from transformers import AutoConfig
 
     config = base.config if isinstance(base, PreTrainedModel) else AutoConfig.from_pretrained(base)
-    return getattr(config, "max_encoder_position_embeddings", None) or config.max_position_embeddings
+    limit = getattr(config, "max_encoder_position_embeddings", None) or getattr(
+        config, "max_position_embeddings", None
+    )
+    return limit if limit is not None else sys.maxsize  # the T5 family: relative positions, no table
 
 
 def run_transfer(
@@ -516,7 +545,8 @@ def run_transfer(
         )
         report["transfer"] = {"steps": settings.steps, "learning_rate": settings.learning_rate, "log": log}
     if settings.distill_steps:
-        length = min(max_length, original_position_limit(base), student.config.max_position_embeddings)
+        decoder_limit = getattr(student.config, "max_position_embeddings", None) or sys.maxsize  # T5: none
+        length = min(max_length, original_position_limit(base), decoder_limit)
         distill = denoising_batches(documents, tokenizer, length, max_tokens_per_batch, seed=seed)
         loss_before = denoising_loss(student, distill[:report_batches])
         log = distill_outputs(

@@ -366,3 +366,41 @@ def test_mixed_precision_auto_is_bf16_only_where_a_gpu_has_it(monkeypatch):
     assert resolve_mixed_precision("auto") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert resolve_mixed_precision("auto") == "no"  # e.g. a V100: no bf16, and fp16 is unsafe for T5
+
+
+def test_convert_command_on_a_t5_base_reuses_transfers_and_distills(tmp_path, capsys):
+    """`scrolls-ssm convert` on a T5 v1.1-style checkpoint: weight reuse from T5's q/k/v/o, layer-wise transfer (the
+    teacher's T5 attention returns a tuple, its output first), and distillation on inputs infilled with T5's first
+    sentinel; the saved model loads with the Auto classes and keeps the attention layer as it was."""
+    from scrolls_ssm.cli import main
+    from tests.training_fixtures import scrolls_rows, write_tiny_t5
+
+    base = write_tiny_t5(tmp_path / "base")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in scrolls_rows("train", 40, seed=3)))
+    argv = ["convert", "--base", str(base), "--layers", "mamba2,attention", "--max-source-positions", "96"]
+    argv += ["--config", "mamba2_headdim=16", "--reuse-weights", "--transfer-data", str(data)]
+    argv += ["--transfer-steps", "60", "--transfer-lr", "5e-3", "--transfer-tokens-per-batch", "512"]
+    assert main([*argv, "--distill-steps", "3", "--out", str(tmp_path / "moved")]) == 0
+    assert "layer 0 (mamba2): relative error " in capsys.readouterr().out
+    report = json.loads((tmp_path / "moved" / "conversion.json").read_text())
+    assert report["reused_weights_in_layers"] == [0] and len(report["distillation"]["log"]) == 3
+    assert report["distillation"]["max_length"] == 96  # no position limit of its own: the T5 family has none
+    assert report["relative_error_after"]["0"] < report["relative_error_before"]["0"]
+    moved = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "moved")
+    original = T5ForConditionalGeneration.from_pretrained(base)
+    assert moved.config.model_type == "scrolls_ssm_t5"
+    assert torch.equal(
+        moved.model.encoder.layers[1].mixer.q.weight, original.encoder.block[1].layer[0].SelfAttention.q.weight
+    )
+    # weight reuse read T5's names: B rows are K's rows (tiled), the output projection starts from O
+    from scrolls_ssm.transfer import attention_teacher, reuse_attention_weights
+
+    student = swap_encoder(base, ["mamba2", "attention"], mamba2_headdim=16)
+    teacher = attention_teacher(base, student)
+    assert reuse_attention_weights(student, teacher) == [0]
+    mixer, attention = student.get_encoder().layers[0].mixer, teacher.get_encoder().layers[0].mixer
+    k = attention.k.weight
+    rows = mixer.in_proj.weight[2 * mixer.d_inner :][: k.shape[0]]
+    torch.testing.assert_close(rows, k[: rows.shape[0]], rtol=0, atol=0)
+    torch.testing.assert_close(mixer.out_proj.weight[:, : attention.o.weight.shape[1]], attention.o.weight)

@@ -62,7 +62,13 @@ def write_tiny_t5(root: Path, family: str = "t5") -> Path:
     from scrolls_ssm.synthetic import train_sentencepiece_tokenizer
 
     texts = [row["input"] + " " + row["output"] for row in scrolls_rows("train", 60, seed=1)]
-    tokenizer = train_sentencepiece_tokenizer(texts + LABELS * 5, root / "_spm", vocab_size=150, style="t5")
+    tokenizer = train_sentencepiece_tokenizer(
+        texts + LABELS * 5,
+        root / "_spm",
+        vocab_size=150,
+        style="t5",
+        extra_ids=10,  # T5's sentinels, fewer
+    )
     size = dict(
         vocab_size=len(tokenizer),
         d_model=32,
