@@ -151,11 +151,11 @@ def _safetensors_parameters(path: Path) -> int:
 
 
 def _check_config(path: Path, config: Any) -> None:
-    if not isinstance(config, dict) or config.get("model_type") != "scrolls_ssm":
+    if not isinstance(config, dict) or config.get("model_type") not in ("scrolls_ssm", "scrolls_ssm_t5"):
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise ModelDirError(
-            f"{path} has model_type={found!r}, expected 'scrolls_ssm': this publisher writes cards for "
-            "ScrollsSSMForConditionalGeneration checkpoints; use transformers' own push_to_hub for other models"
+            f"{path} has model_type={found!r}, expected 'scrolls_ssm' or 'scrolls_ssm_t5': this publisher writes "
+            "cards for this toolkit's checkpoints; use transformers' own push_to_hub for other models"
         )
     auto_map = config.get("auto_map")
     if not isinstance(auto_map, dict) or "AutoModelForSeq2SeqLM" not in auto_map:
@@ -251,6 +251,11 @@ def _get(mapping: dict[str, Any] | None, dotted: str) -> Any:
     return mapping
 
 
+def _length_limit(config: dict[str, Any]) -> str:
+    limit = config.get("max_source_positions")
+    return f"up to {limit} tokens" if limit is not None else "inputs of any length (it has no position table)"
+
+
 def _encoder_layer_types(config: dict[str, Any]) -> list[str]:
     return list(config.get("encoder_layer_types") or ["attention"] * int(config.get("encoder_layers", 0)))
 
@@ -320,8 +325,11 @@ def _run_facts(info: _ModelDir) -> _RunFacts:
             f"{info.path / 'run_config.yaml'}: data.tasks has unknown SCROLLS tasks {unknown}; "
             f"valid tasks: {', '.join(_TASK_CARDS)}"
         )
-    positions = int(info.config.get("max_source_positions", 1024))
-    max_length = min(int(_get(info.run_config, "data.max_source_length") or positions), positions)
+    # T5-family models have no position limit (None): the length they were trained at is the one to report.
+    limit = info.config.get("max_source_positions", 1024)
+    trained = _get(info.run_config, "data.max_source_length")
+    positions = int(limit if limit is not None else trained or _get(info.run_config, "model.max_source_positions"))
+    max_length = min(int(trained or positions), positions)
     base = _get(info.run_config, "model.base")
     try:
         validate_repo_id(base)
@@ -375,9 +383,10 @@ def _card_body(info: _ModelDir, repo_id: str) -> Iterator[str]:
     yield f"{CARD_MARKER}\n\n# {repo_id.split('/')[-1]}\n"
     yield (
         f"An encoder-decoder for long documents, fine-tuned on {data} ({', '.join(tasks) or 'tasks not recorded'})."
-        " It keeps a BART-family model's embeddings, decoder and feed-forward layers and replaces the encoder's token"
+        f" It keeps a {'T5' if config.get('model_type') == 'scrolls_ssm_t5' else 'BART'}-family model's embeddings,"
+        " decoder and feed-forward layers and replaces the encoder's token"
         f" mixers, layer by layer, with long-sequence mixers: **{compact_layout(layer_types)}**. The encoder accepts"
-        f" up to {config.get('max_source_positions')} tokens. {info.num_parameters / 1e6:.1f}M parameters. Built with "
+        f" {_length_limit(config)}. {info.num_parameters / 1e6:.1f}M parameters. Built with "
         "[scrolls-ssm](https://pypi.org/project/scrolls-ssm/).\n"
     )
     yield "## Encoder layout\n"

@@ -404,3 +404,20 @@ def test_convert_command_on_a_t5_base_reuses_transfers_and_distills(tmp_path, ca
     rows = mixer.in_proj.weight[2 * mixer.d_inner :][: k.shape[0]]
     torch.testing.assert_close(rows, k[: rows.shape[0]], rtol=0, atol=0)
     torch.testing.assert_close(mixer.out_proj.weight[:, : attention.o.weight.shape[1]], attention.o.weight)
+
+
+def test_model_card_of_a_t5_family_model_without_a_length_limit(tmp_path):
+    import yaml
+
+    from scrolls_ssm.hub import build_model_card
+
+    directory = tmp_path / "model"
+    swap_encoder(source_model("flan-t5"), ["s4d", "s4d", "attention"], max_source_positions=None).save_pretrained(
+        directory
+    )
+    run_config = {"recipe": "qasper", "model": {"base": "google/flan-t5-base"}, "data": {"tasks": ["qasper"]}}
+    run_config["data"]["max_source_length"] = 4096
+    (directory / "run_config.yaml").write_text(yaml.safe_dump(run_config))
+    text = build_model_card(directory, "you/flan-t5-s4d").text
+    assert "a T5-family model's embeddings" in text and "accepts inputs of any length" in text
+    assert "max_length=4096" in text  # the length it was trained at
