@@ -83,10 +83,15 @@ def layer_types(config: str, layers: int) -> list[str]:
     return [config] * layers
 
 
-def build_encoder(config: str, size: Size, length: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def build_encoder(
+    config: str, size: Size, length: int, family: str = "bart"
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The encoder of `config` at `size` with random weights, and the extra inputs its forward wants.
 
-    Dropout is off everywhere: it would add masks (memory) that have nothing to do with the token mixer."""
+    `family="t5"` builds our configurations as T5-family encoders (pre-norm RMS-norm blocks, relative-position
+    attention; `local-attention` and the hybrid's attention are LongT5's local attention with radius `window`); the
+    peers (`led`, `longt5-tglobal`) are the same in both. Dropout is off everywhere: it would add masks (memory) that
+    have nothing to do with the token mixer."""
     common = dict(vocab_size=size.vocab_size, d_model=size.d_model)
     if config == "led":
         from transformers import LEDConfig, LEDModel
@@ -131,6 +136,9 @@ def build_encoder(config: str, size: Size, length: int) -> tuple[nn.Module, dict
         )
         return longt5.get_encoder(), {}
 
+    if family == "t5":
+        return _build_t5_encoder(config, size), {}
+
     from scrolls_ssm.modeling.configuration_scrolls_ssm import ScrollsSSMConfig
     from scrolls_ssm.modeling.modeling_scrolls_ssm import ScrollsSSMEncoder
 
@@ -151,6 +159,32 @@ def build_encoder(config: str, size: Size, length: int) -> tuple[nn.Module, dict
         for block in encoder.layers:
             block.mixer = IdentityMixer()
     return encoder, {}
+
+
+def _build_t5_encoder(config: str, size: Size) -> nn.Module:
+    from scrolls_ssm.modeling.configuration_scrolls_ssm_t5 import ScrollsSSMT5Config
+    from scrolls_ssm.modeling.modeling_scrolls_ssm_t5 import ScrollsSSMT5Encoder
+
+    encoder = ScrollsSSMT5Encoder(
+        ScrollsSSMT5Config(
+            vocab_size=size.vocab_size,
+            d_model=size.d_model,
+            d_kv=size.d_model // size.heads,
+            d_ff=size.ffn_dim,
+            num_layers=size.layers,
+            num_heads=size.heads,
+            feed_forward_proj="gelu",  # BART's FFN: two matrices and a GELU, as the LongT5 peer
+            encoder_layer_types=layer_types(config, size.layers),
+            encoder_attention_type="full" if config == "attention" else "local",
+            local_radius=size.window,
+            dropout_rate=0.0,
+            attn_implementation="sdpa",
+        )
+    )
+    if config == "ffn-only":
+        for block in encoder.layers:
+            block.kind, block.mixer = "ffn-only", IdentityMixer()  # called as a plain mixer: (hidden, mask)
+    return encoder
 
 
 def _rss_bytes() -> int:
@@ -234,7 +268,7 @@ def measure(spec: dict) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CUDA runs under bf16 autocast
     rate = matmul_rate(device, dtype)
 
-    encoder, extra = build_encoder(spec["config"], size, length)
+    encoder, extra = build_encoder(spec["config"], size, length, spec.get("family", "bart"))
     encoder.to(device).train()
     if spec.get("gradient_checkpointing"):
         # Each block's activations recomputed in backward: what a user turns on to fit 64K tokens.
@@ -380,6 +414,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kinds", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="configurations")
     parser.add_argument("--lengths", nargs="+", type=int, help=f"sequence lengths (default {DEFAULT_LENGTHS})")
     parser.add_argument("--size", default="small", choices=list(SIZES), help="width/depth/FFN (default small)")
+    parser.add_argument(
+        "--family",
+        default="bart",
+        choices=["bart", "t5"],
+        help="our configurations as BART-family (post-norm) or T5-family (pre-norm, relative positions) encoders; "
+        "files end in _t5",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda runs under bf16 autocast")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up; the median is kept")
     parser.add_argument("--threads", type=int, help="torch threads per worker (default: torch's, one per core)")
@@ -410,12 +451,14 @@ def main(argv: list[str] | None = None) -> Path:
         return Path()
     size = SIZES[args.size]
     max_rss = int((args.max_rss_gb or 0.8 * psutil.virtual_memory().available / 2**30) * 2**30)
-    stem = f"encoder_scaling_{args.device}_{args.size}" + ("_gc" if args.gradient_checkpointing else "")
+    stem = f"encoder_scaling_{args.device}_{args.size}" + ("_t5" if args.family == "t5" else "")
+    stem += "_gc" if args.gradient_checkpointing else ""
     stem += "_quick" if args.quick else ""
     csv_path = args.out / f"{stem}.csv"
     previous = load_previous(csv_path) if args.resume else {}
     command = "python benchmarks/encoder_scaling.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": command.strip(), "size": args.size, "device": args.device, **asdict(size)}
+    meta = {"command": command.strip(), "size": args.size, "device": args.device, "family": args.family}
+    meta.update(asdict(size))
 
     rows: list[dict] = []
     total, done = len(args.kinds) * len(args.lengths), 0
@@ -433,6 +476,7 @@ def main(argv: list[str] | None = None) -> Path:
                 print(f"[{done}/{total}] {config} L={length}: skipped ({blocked})", flush=True)
                 continue
             spec = {"config": config, "length": length, "size": asdict(size), "device": args.device}
+            spec["family"] = args.family
             started = time.monotonic()
             settings = {
                 "repeats": args.repeats,

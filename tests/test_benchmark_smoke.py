@@ -77,3 +77,16 @@ def test_gradient_checkpointing_recomputes_the_forward(encoder_scaling):
     recomputed = encoder_scaling.measure({**spec, "gradient_checkpointing": True})
     assert plain["status"] == recomputed["status"] == "ok"
     assert 1.08 < recomputed["gflop"] / plain["gflop"] < 1.6, (plain["gflop"], recomputed["gflop"])
+
+
+@pytest.mark.parametrize("config", ["s4d", "gss-hybrid", "local-attention", "ffn-only"])
+def test_t5_family_encoders_are_measured(encoder_scaling, config):
+    """--family t5: our configurations as T5-family encoders (local attention for the attention layers)."""
+    size = asdict(encoder_scaling.SIZES["tiny"])
+    spec = {"config": config, "length": 96, "size": size, "device": "cpu", "repeats": 1, "family": "t5"}
+    encoder, _ = encoder_scaling.build_encoder(config, encoder_scaling.Size(**size), 96, "t5")
+    assert encoder.config.model_type == "scrolls_ssm_t5"
+    if config != "ffn-only":
+        assert encoder.config.encoder_layer_types == encoder_scaling.layer_types(config, 2)
+    result = encoder_scaling.measure(spec)
+    assert result["status"] == "ok" and result["time_s"] > 0 and result["gflop"] > 0, result
