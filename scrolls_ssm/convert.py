@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from .modeling.configuration_scrolls_ssm import ScrollsSSMConfig
-from .modeling.configuration_scrolls_ssm_t5 import ScrollsSSMT5Config
+from .modeling.configuration_scrolls_ssm_t5 import T5_FAMILIES, ScrollsSSMT5Config
 from .modeling.modeling_scrolls_ssm import ScrollsSSMForConditionalGeneration
 from .modeling.modeling_scrolls_ssm_t5 import ScrollsSSMT5ForConditionalGeneration
 
@@ -46,7 +46,6 @@ SUPPORTED_FAMILIES = {
     "umt5": (UMT5ForConditionalGeneration, "", "google/umt5-base"),
     "longt5": (LongT5ForConditionalGeneration, "", "google/long-t5-tglobal-base, google/long-t5-local-base"),
 }
-T5_FAMILY = ("t5", "mt5", "umt5", "longt5")
 # BART's learned positions start at row 2 (a fairseq legacy); LED's start at row 0.
 _BART_POSITION_OFFSET = 2
 
@@ -100,7 +99,7 @@ def swap_encoder(
     if family not in SUPPORTED_FAMILIES or not isinstance(source, SUPPORTED_FAMILIES[family][0]):
         raise _unsupported(family if family in SUPPORTED_FAMILIES else f"{family} ({type(source).__name__})")
 
-    if family in T5_FAMILY:
+    if family in T5_FAMILIES:
         config = _scrolls_t5_config(source.config, encoder_layer_types, max_source_positions, config_overrides)
         model = ScrollsSSMT5ForConditionalGeneration(config)
         state = _convert_t5_state_dict(source, config)

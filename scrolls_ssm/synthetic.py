@@ -403,12 +403,29 @@ def _bpe_merges(vocab: Mapping[str, int]) -> list[tuple[str, str]]:
     return [(left, right) for *_, left, right in sorted(merges)]
 
 
-def _write_corpus(texts: Iterable[str], corpus: Path, max_lines: int) -> None:
-    with open(corpus, "w", encoding="utf-8") as handle:
-        for count, line in enumerate(_training_lines(texts)):
-            if count >= max_lines:
-                break
-            handle.write(line + "\n")
+def _train_sentencepiece(
+    texts: Iterable[str], model_prefix: Path, vocab_size: int, max_lines: int, split_digits: bool, **layout
+) -> None:
+    """Train `model_prefix`.model on `texts` (at most `max_lines` lines) with the settings every style shares;
+    `layout` holds the style's own (model type, special ids, normalization)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        with open(corpus, "w", encoding="utf-8") as handle:
+            for count, line in enumerate(_training_lines(texts)):
+                if count >= max_lines:
+                    break
+                handle.write(line + "\n")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus),
+            model_prefix=str(model_prefix),
+            vocab_size=vocab_size,
+            character_coverage=1.0,
+            split_digits=split_digits,
+            # Small corpora cannot always fill the requested vocabulary; a smaller one is fine.
+            hard_vocab_limit=False,
+            minloglevel=2,
+            **layout,
+        )
 
 
 def _train_t5_sentencepiece(
@@ -417,23 +434,18 @@ def _train_t5_sentencepiece(
     """A T5-style SentencePiece Unigram model in `out/spiece.model`, loaded as T5 checkpoints' models are."""
     from transformers import T5Tokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        _write_corpus(texts, corpus, max_lines)
-        spm.SentencePieceTrainer.train(
-            input=str(corpus),
-            model_prefix=str(out / "spiece"),
-            model_type="unigram",
-            vocab_size=vocab_size,
-            pad_id=0,
-            eos_id=1,
-            unk_id=2,
-            bos_id=-1,
-            character_coverage=1.0,
-            split_digits=split_digits,
-            hard_vocab_limit=False,
-            minloglevel=2,
-        )
+    _train_sentencepiece(
+        texts,
+        out / "spiece",
+        vocab_size,
+        max_lines,
+        split_digits,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+    )
     return T5Tokenizer.from_pretrained(out, extra_ids=extra_ids)
 
 
@@ -469,31 +481,25 @@ def train_sentencepiece_tokenizer(
     out.mkdir(parents=True, exist_ok=True)
     if style == "t5":
         return _train_t5_sentencepiece(texts, out, vocab_size, max_lines, split_digits, extra_ids)
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        _write_corpus(texts, corpus, max_lines)
-        spm.SentencePieceTrainer.train(
-            input=str(corpus),
-            model_prefix=str(out / "spm"),
-            model_type="bpe",
-            vocab_size=vocab_size,
-            bos_id=0,
-            pad_id=1,
-            eos_id=2,
-            unk_id=3,
-            bos_piece=SPECIAL_TOKENS["bos_token"],
-            pad_piece=SPECIAL_TOKENS["pad_token"],
-            eos_piece=SPECIAL_TOKENS["eos_token"],
-            unk_piece=SPECIAL_TOKENS["unk_token"],
-            user_defined_symbols=["\n"],
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            character_coverage=1.0,
-            split_digits=split_digits,
-            # Small corpora cannot always fill the requested vocabulary; a smaller one is fine.
-            hard_vocab_limit=False,
-            minloglevel=2,
-        )
+    _train_sentencepiece(
+        texts,
+        out / "spm",
+        vocab_size,
+        max_lines,
+        split_digits,
+        model_type="bpe",
+        bos_id=0,
+        pad_id=1,
+        eos_id=2,
+        unk_id=3,
+        bos_piece=SPECIAL_TOKENS["bos_token"],
+        pad_piece=SPECIAL_TOKENS["pad_token"],
+        eos_piece=SPECIAL_TOKENS["eos_token"],
+        unk_piece=SPECIAL_TOKENS["unk_token"],
+        user_defined_symbols=["\n"],
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+    )
     processor = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
     vocab = {processor.id_to_piece(index): index for index in range(processor.get_piece_size())}
     backend = Tokenizer(models.BPE(vocab, _bpe_merges(vocab), unk_token=SPECIAL_TOKENS["unk_token"]))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +94,27 @@ def import_benchmark(name: str):
         yield importlib.import_module(name)
     finally:
         sys.path.remove(folder)
+
+
+def remote_code_loss(model_dir: Path, input_ids, mask, labels, work_dir: Path) -> float:
+    """The loss of the saved model at `model_dir` on the batch, computed in a fresh process where `scrolls_ssm`
+    cannot be imported at all: `AutoModelForSeq2SeqLM` with `trust_remote_code=True`, offline."""
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.modules["scrolls_ssm"] = None  # any `import scrolls_ssm` now raises ImportError
+        from transformers import AutoModelForSeq2SeqLM
+        model = AutoModelForSeq2SeqLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ids, mask = torch.tensor({input_ids.tolist()}), torch.tensor({mask.tolist()})
+        labels = torch.tensor({labels.tolist()})
+        with torch.no_grad():
+            print(model(input_ids=ids, attention_mask=mask, labels=labels).loss.item())
+        """
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(work_dir / "hf_home"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=work_dir, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return float(result.stdout.strip().splitlines()[-1])

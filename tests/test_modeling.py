@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from scrolls_ssm import ScrollsSSMConfig, ScrollsSSMForConditionalGeneration, ScrollsSSMModel
-from tests.conftest import tiny_config, tiny_model
+from tests.conftest import remote_code_loss, tiny_config, tiny_model
 
 
 def _batch(batch=2, seq=24, pad_last=6, vocab=120, seed=0):
@@ -130,25 +127,8 @@ def test_trust_remote_code_load_without_the_package(tmp_path):
         expected = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.item()
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["auto_map"]["AutoModelForSeq2SeqLM"].endswith("ScrollsSSMForConditionalGeneration")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.modules["scrolls_ssm"] = None  # any `import scrolls_ssm` now raises ImportError
-        from transformers import AutoModelForSeq2SeqLM
-        model = AutoModelForSeq2SeqLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        ids, mask = torch.tensor({input_ids.tolist()}), torch.tensor({mask.tolist()})
-        labels = torch.tensor({labels.tolist()})
-        with torch.no_grad():
-            print(model(input_ids=ids, attention_mask=mask, labels=labels).loss.item())
-        """
-    )
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, abs=1e-6)
+    loss = remote_code_loss(tmp_path / "model", input_ids, mask, labels, tmp_path)
+    assert loss == pytest.approx(expected, abs=1e-6)
 
 
 # --- generate -------------------------------------------------------------------------------------------------------

@@ -5,9 +5,6 @@ and loading (Auto classes, trust_remote_code), bf16, and the errors."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -25,6 +22,7 @@ from transformers import (
 )
 
 from scrolls_ssm import ScrollsSSMT5Config, ScrollsSSMT5ForConditionalGeneration, swap_encoder
+from tests.conftest import remote_code_loss
 
 SIZE = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_decoder_layers=2, num_heads=4)
 SIZE["decoder_start_token_id"] = 0  # as every T5-family checkpoint's config says
@@ -212,24 +210,8 @@ def test_trust_remote_code_load_without_the_package(tmp_path):
     input_ids, mask, labels = batch()
     with torch.no_grad():
         expected = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.item()
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.modules["scrolls_ssm"] = None  # any `import scrolls_ssm` now raises ImportError
-        from transformers import AutoModelForSeq2SeqLM
-        model = AutoModelForSeq2SeqLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        ids, mask = torch.tensor({input_ids.tolist()}), torch.tensor({mask.tolist()})
-        with torch.no_grad():
-            print(model(input_ids=ids, attention_mask=mask, labels=torch.tensor({labels.tolist()})).loss.item())
-        """
-    )
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, abs=1e-6)
+    loss = remote_code_loss(tmp_path / "model", input_ids, mask, labels, tmp_path)
+    assert loss == pytest.approx(expected, abs=1e-6)
 
 
 def test_a_bf16_autocast_training_step_on_cpu_has_a_finite_loss():

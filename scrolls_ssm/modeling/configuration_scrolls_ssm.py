@@ -49,6 +49,21 @@ class MixerFields:
     gss_expansion: int = 2  # GSS's gated width is gss_expansion * d_model
     gss_ssm_dim: int | None = None  # width the GSS SSM runs at; None: d_model // 4 (the paper's reduction)
 
+    def _default_layout(self, layers: int) -> None:
+        """`encoder_layer_types=None` means every one of the `layers` layers is `attention`; any sequence becomes a
+        list. Called first in each family's `__post_init__`."""
+        if self.encoder_layer_types is None:
+            self.encoder_layer_types = ["attention"] * layers
+        self.encoder_layer_types = list(self.encoder_layer_types)
+
+    def _keep_registered_auto_class(self) -> None:
+        """Called last in each family's `__post_init__`. Built from another config's dict (`to_dict()` carries
+        `_auto_class: None`, which the base class sets as an attribute), the instance attribute would hide the class
+        attribute that `register_for_auto_class` set, and `save_pretrained` would write no `AutoConfig` into
+        `auto_map`: trust_remote_code users could not load the model."""
+        if self.__dict__.get("_auto_class", ...) is None:
+            del self.__dict__["_auto_class"]
+
     def _require(self, condition: bool, field: str, value: object, expected: str) -> None:
         """Raise a ValueError naming the config class, the field, the value and what is valid, unless `condition`."""
         if not condition:
@@ -159,15 +174,9 @@ class ScrollsSSMConfig(MixerFields, BartConfig):
     attention_window: int | None = None
 
     def __post_init__(self, **kwargs):
-        if self.encoder_layer_types is None:
-            self.encoder_layer_types = ["attention"] * self.encoder_layers
-        self.encoder_layer_types = list(self.encoder_layer_types)
+        self._default_layout(self.encoder_layers)
         super().__post_init__(**kwargs)
-        # Built from another config's dict (`to_dict()` carries `_auto_class: None`, which the base class sets as an
-        # attribute), the instance attribute would hide the class attribute that `register_for_auto_class` set, and
-        # `save_pretrained` would write no `AutoConfig` into `auto_map`: trust_remote_code users could not load it.
-        if self.__dict__.get("_auto_class", ...) is None:
-            del self.__dict__["_auto_class"]
+        self._keep_registered_auto_class()
 
     def validate_architecture(self):
         """Checks run at construction by `@strict`: every error names the field, the value and what is valid."""

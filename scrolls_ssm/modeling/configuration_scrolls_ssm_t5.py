@@ -58,17 +58,14 @@ class ScrollsSSMT5Config(MixerFields, T5Config):
     decoder_start_token_id: int | None = 0
 
     def __post_init__(self, **kwargs):
-        if self.encoder_layer_types is None:
-            self.encoder_layer_types = ["attention"] * self.num_layers
-        self.encoder_layer_types = list(self.encoder_layer_types)
+        self._default_layout(self.num_layers)
         # T5Config derives `scale_decoder_outputs` from `tie_word_embeddings` and then ties them always. A saved config
         # holds both, already resolved: the saved `scale_decoder_outputs` must win over the re-derivation.
         scale = kwargs.pop("scale_decoder_outputs", None)
         super().__post_init__(**kwargs)
         if scale is not None:
             self.scale_decoder_outputs = bool(scale)
-        if self.__dict__.get("_auto_class", ...) is None:  # as in ScrollsSSMConfig: keep `auto_map` on save
-            del self.__dict__["_auto_class"]
+        self._keep_registered_auto_class()
 
     def validate_architecture(self):
         """Checks run at construction by `@strict`: every error names the field, the value and what is valid."""

@@ -247,6 +247,47 @@ def _output_flags(
     )
 
 
+def as_encoder_output(encoder_outputs: BaseModelOutput | tuple) -> BaseModelOutput:
+    """Precomputed encoder outputs as `generate` or a user passes them: a `BaseModelOutput`, or a tuple of
+    (last hidden state, hidden states, attentions) with the later entries optional."""
+    if isinstance(encoder_outputs, BaseModelOutput):
+        return encoder_outputs
+    return BaseModelOutput(
+        last_hidden_state=encoder_outputs[0],
+        hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+        attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
+    )
+
+
+def seq2seq_model_output(decoder_outputs, encoder_outputs: BaseModelOutput) -> Seq2SeqModelOutput:
+    """The base model's output from its decoder's and encoder's (every model family of this package)."""
+    return Seq2SeqModelOutput(
+        last_hidden_state=decoder_outputs.last_hidden_state,
+        cache=decoder_outputs.cache,
+        decoder_hidden_states=decoder_outputs.hidden_states,
+        decoder_attentions=decoder_outputs.attentions,
+        cross_attentions=decoder_outputs.cross_attentions,
+        encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+        encoder_hidden_states=encoder_outputs.hidden_states,
+        encoder_attentions=encoder_outputs.attentions,
+    )
+
+
+def seq2seq_lm_output(loss, logits: torch.Tensor, outputs: Seq2SeqModelOutput) -> Seq2SeqLMOutput:
+    """The seq2seq LM's output: the loss and logits, and everything else the base model gave."""
+    return Seq2SeqLMOutput(
+        loss=loss,
+        logits=logits,
+        cache=outputs.cache,
+        decoder_hidden_states=outputs.decoder_hidden_states,
+        decoder_attentions=outputs.decoder_attentions,
+        cross_attentions=outputs.cross_attentions,
+        encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+        encoder_hidden_states=outputs.encoder_hidden_states,
+        encoder_attentions=outputs.encoder_attentions,
+    )
+
+
 class ScrollsSSMModel(ScrollsSSMPreTrainedModel):
     """Shared embeddings, the swappable encoder and BART's decoder from `transformers`, reused as it is."""
 
@@ -309,12 +350,8 @@ class ScrollsSSMModel(ScrollsSSMPreTrainedModel):
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
             )
-        elif not isinstance(encoder_outputs, BaseModelOutput):
-            encoder_outputs = BaseModelOutput(
-                last_hidden_state=encoder_outputs[0],
-                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
-                attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
-            )
+        else:
+            encoder_outputs = as_encoder_output(encoder_outputs)
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
@@ -328,16 +365,7 @@ class ScrollsSSMModel(ScrollsSSMPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        output = Seq2SeqModelOutput(
-            last_hidden_state=decoder_outputs.last_hidden_state,
-            cache=decoder_outputs.cache,
-            decoder_hidden_states=decoder_outputs.hidden_states,
-            decoder_attentions=decoder_outputs.attentions,
-            cross_attentions=decoder_outputs.cross_attentions,
-            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
-            encoder_hidden_states=encoder_outputs.hidden_states,
-            encoder_attentions=encoder_outputs.attentions,
-        )
+        output = seq2seq_model_output(decoder_outputs, encoder_outputs)
         return output if return_dict else output.to_tuple()
 
 
@@ -420,17 +448,7 @@ class ScrollsSSMForConditionalGeneration(ScrollsSSMPreTrainedModel, GenerationMi
         loss = None
         if labels is not None:
             loss = _token_cross_entropy(logits, labels.to(logits.device), num_items_in_batch)
-        output = Seq2SeqLMOutput(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            decoder_hidden_states=outputs.decoder_hidden_states,
-            decoder_attentions=outputs.decoder_attentions,
-            cross_attentions=outputs.cross_attentions,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            encoder_hidden_states=outputs.encoder_hidden_states,
-            encoder_attentions=outputs.encoder_attentions,
-        )
+        output = seq2seq_lm_output(loss, logits, outputs)
         return output if return_dict else output.to_tuple()
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,15 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_scrolls_ssm_t5 import ScrollsSSMT5Config
 from .mixers import build_mixer
-from .modeling_scrolls_ssm import ScrollsSSMModelMixin, ScrollsSSMPreTrainedModel, _output_flags, _token_cross_entropy
+from .modeling_scrolls_ssm import (
+    ScrollsSSMModelMixin,
+    ScrollsSSMPreTrainedModel,
+    _output_flags,
+    _token_cross_entropy,
+    as_encoder_output,
+    seq2seq_lm_output,
+    seq2seq_model_output,
+)
 
 
 class LongT5DecoderStack(LongT5Stack):
@@ -244,14 +252,14 @@ class ScrollsSSMT5Encoder(ScrollsSSMT5PreTrainedModel):
         hidden_states = self.dropout(inputs_embeds)
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        position_bias = None
+        position_bias, shared = None, _shares_position_bias(self.config)
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states, bias, weights = layer(
                 hidden_states, attention_mask, attention_inputs, position_bias, output_attentions
             )
-            if _shares_position_bias(self.config):
+            if shared:
                 position_bias = bias
             if output_attentions and weights is not None:
                 all_attentions += (weights,)
@@ -347,12 +355,8 @@ class ScrollsSSMT5Model(ScrollsSSMT5PreTrainedModel):
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
             )
-        elif not isinstance(encoder_outputs, BaseModelOutput):
-            encoder_outputs = BaseModelOutput(
-                last_hidden_state=encoder_outputs[0],
-                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
-                attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
-            )
+        else:
+            encoder_outputs = as_encoder_output(encoder_outputs)
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
@@ -365,16 +369,7 @@ class ScrollsSSMT5Model(ScrollsSSMT5PreTrainedModel):
             output_hidden_states=output_hidden_states,
             **kwargs,
         )
-        output = Seq2SeqModelOutput(
-            last_hidden_state=decoder_outputs.last_hidden_state,
-            cache=decoder_outputs.cache,
-            decoder_hidden_states=decoder_outputs.hidden_states,
-            decoder_attentions=decoder_outputs.attentions,
-            cross_attentions=decoder_outputs.cross_attentions,
-            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
-            encoder_hidden_states=encoder_outputs.hidden_states,
-            encoder_attentions=encoder_outputs.attentions,
-        )
+        output = seq2seq_model_output(decoder_outputs, encoder_outputs)
         return output if return_dict else output.to_tuple()
 
 
@@ -441,17 +436,7 @@ class ScrollsSSMT5ForConditionalGeneration(ScrollsSSMT5PreTrainedModel, Generati
         loss = None
         if labels is not None:
             loss = _token_cross_entropy(logits, labels.to(logits.device), num_items_in_batch)
-        output = Seq2SeqLMOutput(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            decoder_hidden_states=outputs.decoder_hidden_states,
-            decoder_attentions=outputs.decoder_attentions,
-            cross_attentions=outputs.cross_attentions,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            encoder_hidden_states=outputs.encoder_hidden_states,
-            encoder_attentions=outputs.encoder_attentions,
-        )
+        output = seq2seq_lm_output(loss, logits, outputs)
         return output if return_dict else output.to_tuple()
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
