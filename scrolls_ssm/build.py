@@ -11,6 +11,7 @@ import difflib
 import inspect
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -161,10 +162,27 @@ def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> P
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {model.config.vocab_size}; "
             "use the tokenizer that belongs to model.base / model.init_from."
         )
-    model.set_attn_implementation(model_cfg.attn_implementation)
+    set_attention_implementation(model, model_cfg.attn_implementation)
     if model_cfg.activation_checkpointing:
         model.activation_checkpointing_enable()
     return model
+
+
+def set_attention_implementation(model: PreTrainedModel, requested: str) -> str:
+    """Use `requested` (model.attn_implementation) where the model's class has it; a peer whose attention has no such
+    path (LongT5: eager only; a T5-family model of this toolkit: no FlashAttention, whose kernels take no position
+    bias) gets the best path it has, with a warning, instead of failing the run. Returns the one set."""
+    supported = {"eager": True, "sdpa": model._supports_sdpa, "flash_attention_2": model._supports_flash_attn}
+    if not supported.get(requested, True):
+        fallback = "sdpa" if model._supports_sdpa else "eager"
+        warnings.warn(
+            f"model.attn_implementation={requested!r}: {type(model).__name__} has no {requested} attention; "
+            f"using {fallback!r}.",
+            stacklevel=2,
+        )
+        requested = fallback
+    model.set_attn_implementation(requested)
+    return requested
 
 
 def _build(

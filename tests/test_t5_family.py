@@ -336,6 +336,29 @@ def test_model_config_keys_are_checked_against_the_family(tmp_path):
         build_model(cfg.model, tokenizer=None)
 
 
+def test_a_longt5_peer_loads_with_its_eager_attention_and_t5_family_models_skip_flash(tmp_path):
+    """LongT5 has only eager attention; model.init_from=<a LongT5 checkpoint> (a peer scored beside swapped models)
+    must not fail on the default model.attn_implementation=sdpa. Our T5-family models have no FlashAttention path."""
+    from scrolls_ssm.build import build_model
+    from scrolls_ssm.config import load_run_config
+
+    source_model("longt5-tglobal").save_pretrained(tmp_path / "longt5")
+    cfg = load_run_config(None, ["model.base=null", f"model.init_from={tmp_path / 'longt5'}"])
+    with pytest.warns(UserWarning, match=r"attn_implementation='sdpa': LongT5ForConditionalGeneration has no sdpa"):
+        model = build_model(cfg.model, tokenizer=[0] * SIZE["vocab_size"])
+    assert model.config._attn_implementation == "eager"
+    input_ids, mask, labels = batch()
+    expected = source_model("longt5-tglobal")(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(model(input_ids=input_ids, attention_mask=mask, labels=labels).loss, expected)
+
+    swap_encoder(source_model("t5"), ["s4d", "attention", "attention"]).save_pretrained(tmp_path / "ours")
+    cfg = load_run_config(
+        None, ["model.base=null", f"model.init_from={tmp_path / 'ours'}", "model.attn_implementation=flash_attention_2"]
+    )
+    with pytest.warns(UserWarning, match="has no flash_attention_2 attention; using 'sdpa'"):
+        assert build_model(cfg.model, tokenizer=[0] * SIZE["vocab_size"]).config._attn_implementation == "sdpa"
+
+
 def test_mixed_precision_auto_is_bf16_only_where_a_gpu_has_it(monkeypatch):
     from scrolls_ssm.train import resolve_mixed_precision
 
