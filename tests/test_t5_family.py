@@ -352,9 +352,8 @@ def test_a_longt5_peer_loads_with_its_eager_attention_and_t5_family_models_skip_
     torch.testing.assert_close(model(input_ids=input_ids, attention_mask=mask, labels=labels).loss, expected)
 
     swap_encoder(source_model("t5"), ["s4d", "attention", "attention"]).save_pretrained(tmp_path / "ours")
-    cfg = load_run_config(
-        None, ["model.base=null", f"model.init_from={tmp_path / 'ours'}", "model.attn_implementation=flash_attention_2"]
-    )
+    flash = "model.attn_implementation=flash_attention_2"
+    cfg = load_run_config(None, ["model.base=null", f"model.init_from={tmp_path / 'ours'}", flash])
     with pytest.warns(UserWarning, match="has no flash_attention_2 attention; using 'sdpa'"):
         assert build_model(cfg.model, tokenizer=[0] * SIZE["vocab_size"]).config._attn_implementation == "sdpa"
 
