@@ -6,11 +6,14 @@ inputs at every length and needle depth.
     python benchmarks/long_range_probe.py                         # the default sweep (lengths 1K, 4K, 16K)
     python benchmarks/long_range_probe.py --quick                 # smoke test: tiny sizes, two contenders
     python benchmarks/long_range_probe.py --contenders s4d gss-hybrid --lengths 1024 4096 16384 32768
+    python benchmarks/long_range_probe.py --family t5             # T5-family models; LongT5 is the peer
 
 Each contender trains in its own process (`run_finetune.py`, as a user would run it) and its cells are appended to
 the CSV as soon as it finishes: an interrupted sweep resumes with the contenders it has not finished (`--resume`).
-Outputs: `<out>/long_range_probe[_quick].csv`, `.md` (task x contender x length) and one heatmap PNG per task; see
-docs/long_range.md for the findings and the recipe.
+`--family t5` builds every contender as a T5-family model (pre-norm blocks, relative position bias, a T5-style
+tokenizer) and puts transformers' LongT5 (transient-global attention) where the BART family has LED.
+Outputs: `<out>/long_range_probe[_quick][_t5].csv`, `.md` (task x contender x length) and one heatmap PNG per task;
+see docs/long_range.md for the findings and the recipe.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class Setup:
     # are copied over the rest of the table (as LED's 16K table was made from BART's 1K one) before evaluation.
     tile_positions: bool = True
     seed: int = 0
+    family: str = "bart"  # or "t5": T5-family contenders (FAMILIES)
 
 
 QUICK = Setup(
@@ -92,7 +96,15 @@ CONTENDERS = {
     "attention": "full attention in every layer (BART's encoder)",
     "truncated": "full attention reading only the first `truncate` tokens (BART's 1,024)",
     "led": "transformers' LED at the same size (window `window`, global attention on <s>)",
+    "longt5": "transformers' LongT5 at the same size (transient-global attention, radius `window`)",
 }
+
+# Model family -> its contenders: the same layouts, and the family's own long-input peer from transformers.
+FAMILIES = {
+    "bart": [name for name in CONTENDERS if name != "longt5"],
+    "t5": [name for name in CONTENDERS if name != "led"],
+}
+PEERS = {"led", "longt5"}
 
 
 # The state-space contenders and their mixer. Their first layer sees order, so they run without a position table.
@@ -121,30 +133,15 @@ def overrides(
     if contender == "truncated":
         limit = setup.truncate
     windowed = contender == "local-attention" or contender.endswith("-hybrid")
-    config = {
-        "d_model": setup.d_model,
-        "encoder_ffn_dim": setup.ffn_dim,
-        "decoder_ffn_dim": setup.ffn_dim,
-        "encoder_attention_heads": setup.heads,
-        "decoder_attention_heads": setup.heads,
-        "decoder_layers": setup.decoder_layers,
-        "max_position_embeddings": 64,
-        "dropout": 0.0,
-        "init_std": 0.1,  # see docs/demo.md: BART's 0.02 lets a from-scratch encoder collapse to a constant
-        "s4d_d_state": 32,
-        "gss_d_state": 32,
-        "mamba2_headdim": min(32, 2 * setup.d_model),
-        "mamba2_chunk_size": 64,
-        # State-space layouts read order from their mixers, so they need no position table, and one trained on
-        # short inputs meets no untrained position on long ones; attention layouts need their learned table.
-        "encoder_positions": "none" if contender in STATE_SPACE else "learned",
-    }
+    config = model_config(contender, setup)
     if evaluate_from is not None:
         model = [f"model.init_from={evaluate_from}"]
-    elif contender == "led":
-        model = [f"model.init_from={write_led(setup, config, limit, tokenizer_dir, out_dir.parent / 'led-init')}"]
+    elif contender in PEERS:
+        folder = write_peer(contender, setup, config, limit, tokenizer_dir, out_dir.parent / f"{contender}-init")
+        model = [f"model.init_from={folder}"]
     else:
         model = [
+            f"model.family={setup.family}",
             f"model.tokenizer={tokenizer_dir}",
             f"model.encoder_layer_types={json.dumps(layout(contender, setup.encoder_layers))}",
             f"model.attention_window={setup.window if windowed else 'null'}",
@@ -175,6 +172,55 @@ def overrides(
     ]
 
 
+def model_config(contender: str, setup: Setup) -> dict:
+    """The model.config of every contender of `setup.family`: the shared width and depth, the mixers' settings, and
+    for the BART family the position table (T5-family models have none: relative position bias in attention)."""
+    mixers = {
+        "s4d_d_state": 32,
+        "gss_d_state": 32,
+        "mamba2_headdim": min(32, 2 * setup.d_model),
+        "mamba2_chunk_size": 64,
+    }
+    if setup.family == "t5":
+        # T5's own initialization (weights scaled by d_model ** -0.5) trains from scratch as it is.
+        return {
+            "d_model": setup.d_model,
+            "d_ff": setup.ffn_dim,
+            "num_heads": setup.heads,
+            "d_kv": setup.d_model // setup.heads,
+            "num_decoder_layers": setup.decoder_layers,
+            "dropout_rate": 0.0,
+            **mixers,
+        }
+    return {
+        "d_model": setup.d_model,
+        "encoder_ffn_dim": setup.ffn_dim,
+        "decoder_ffn_dim": setup.ffn_dim,
+        "encoder_attention_heads": setup.heads,
+        "decoder_attention_heads": setup.heads,
+        "decoder_layers": setup.decoder_layers,
+        "max_position_embeddings": 64,
+        "dropout": 0.0,
+        "init_std": 0.1,  # see docs/demo.md: BART's 0.02 lets a from-scratch encoder collapse to a constant
+        **mixers,
+        # State-space layouts read order from their mixers, so they need no position table, and one trained on
+        # short inputs meets no untrained position on long ones; attention layouts need their learned table.
+        "encoder_positions": "none" if contender in STATE_SPACE else "learned",
+    }
+
+
+def family_suffix(setup: Setup) -> str:
+    """What ends the names of a T5-family sweep's files and folders (none for the BART family), so both families'
+    sweeps share one output folder."""
+    return "" if setup.family == "bart" else f"_{setup.family}"
+
+
+def tiles_positions(contender: str, setup: Setup) -> bool:
+    """Whether the contender has a learned position table to tile after training (BART-family attention layouts and
+    LED; T5-family models have relative position bias, which has no table of absolute positions)."""
+    return setup.tile_positions and setup.family == "bart" and contender not in STATE_SPACE
+
+
 def reads_first(contender: str, setup: Setup) -> str | None:
     """The name of the companion rows that score a state-space contender's model on the first `setup.truncate`
     tokens of every input (the same model, cut as the SCROLLS BART baseline is cut), or None. Needles past that
@@ -184,25 +230,48 @@ def reads_first(contender: str, setup: Setup) -> str | None:
     return None
 
 
-def write_led(setup: Setup, config: dict, limit: int, tokenizer_dir: Path, folder: Path) -> Path:
-    """A random-init transformers LED of the contenders' size, with the shared tokenizer, as a checkpoint folder."""
-    from transformers import AutoTokenizer, LEDConfig, LEDForConditionalGeneration
+def write_peer(contender: str, setup: Setup, config: dict, limit: int, tokenizer_dir: Path, folder: Path) -> Path:
+    """A random-init transformers peer of the contenders' size (LED for the BART family, LongT5 with transient-global
+    attention for the T5 family), with the shared tokenizer, as a checkpoint folder."""
+    from transformers import (
+        AutoTokenizer,
+        LEDConfig,
+        LEDForConditionalGeneration,
+        LongT5Config,
+        LongT5ForConditionalGeneration,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    shared = {key: value for key, value in config.items() if key in LEDConfig.__dataclass_fields__}
-    led = LEDConfig(
-        **shared,
-        vocab_size=len(tokenizer),
-        encoder_layers=setup.encoder_layers,
-        attention_window=setup.window,
-        max_encoder_position_embeddings=-(-limit // setup.window) * setup.window,  # LED pads to whole windows
-        max_decoder_position_embeddings=config["max_position_embeddings"],
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.eos_token_id,
-    )
-    LEDForConditionalGeneration(led).save_pretrained(folder)
+    if contender == "longt5":
+        peer = LongT5ForConditionalGeneration(
+            LongT5Config(
+                **config,
+                vocab_size=len(tokenizer),
+                num_layers=setup.encoder_layers,
+                encoder_attention_type="transient-global",
+                local_radius=setup.window,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id,
+            )
+        )
+    else:
+        shared = {key: value for key, value in config.items() if key in LEDConfig.__dataclass_fields__}
+        peer = LEDForConditionalGeneration(
+            LEDConfig(
+                **shared,
+                vocab_size=len(tokenizer),
+                encoder_layers=setup.encoder_layers,
+                attention_window=setup.window,
+                max_encoder_position_embeddings=-(-limit // setup.window) * setup.window,  # LED pads whole windows
+                max_decoder_position_embeddings=config["max_position_embeddings"],
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.eos_token_id,
+            )
+        )
+    peer.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -214,7 +283,8 @@ def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
     from scrolls_ssm.probe import probe_rows, probe_vocabulary, write_probe_dataset
     from scrolls_ssm.synthetic import train_sentencepiece_tokenizer
 
-    data_dir, tokenizer_dir, marker = out / "data", out / "tokenizer", out / "data" / "setup.json"
+    data_dir, tokenizer_dir = out / f"data{family_suffix(setup)}", out / f"tokenizer{family_suffix(setup)}"
+    marker = data_dir / "setup.json"
     settings = json.dumps(asdict(setup), sort_keys=True)
     if marker.is_file() and marker.read_text() == settings:
         return data_dir, tokenizer_dir
@@ -225,7 +295,7 @@ def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
     sample = [row["input"] + " " + row["output"] for row in rows]
     sample += [" ".join(probe_vocabulary())] * 50  # every planted word often enough to stay one piece
     tokenizer = train_sentencepiece_tokenizer(
-        sample, tokenizer_dir / "_sentencepiece", vocab_size=setup.vocab_size, split_digits=True
+        sample, tokenizer_dir / "_sentencepiece", vocab_size=setup.vocab_size, split_digits=True, style=setup.family
     )
     tokenizer.save_pretrained(tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -284,14 +354,15 @@ def run_contender(contender: str, setup: Setup, data_dir: Path, tokenizer_dir: P
     from scrolls_ssm.evaluation import truncated_split_name
     from scrolls_ssm.probe import PROBE_SCROLLS_TASK, probe_scores
 
-    run_dir = out / "runs" / contender
+    runs = out / f"runs{family_suffix(setup)}"
+    run_dir = runs / contender
     shutil.rmtree(run_dir, ignore_errors=True)  # the sweep owns this folder; a contender always starts fresh
-    log = out / "runs" / f"{contender}.log"
+    log = runs / f"{contender}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     finetune = [sys.executable, str(REPO / "run_finetune.py")]
     started = time.monotonic()
-    tile = setup.tile_positions and contender not in STATE_SPACE
+    tile = tiles_positions(contender, setup)
     error = _run([*finetune, *overrides(contender, setup, data_dir, tokenizer_dir, run_dir, predict=not tile)], log)
     predictions_dir = run_dir
     if tile and error is None:
@@ -362,6 +433,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", choices=list(Setup.tasks), help="probe tasks (default: all four)")
     parser.add_argument("--lengths", nargs="+", type=int, help="evaluation lengths in tokens (default 1K 4K 16K)")
     parser.add_argument("--steps", type=int, help="optimizer steps per contender")
+    parser.add_argument(
+        "--family",
+        choices=list(FAMILIES),
+        default="bart",
+        help="build the contenders as BART-family (LED as the peer) or T5-family models (LongT5 as the peer)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model and data, two contenders")
     parser.add_argument("--resume", action="store_true", help="keep contenders finished in an earlier CSV")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
@@ -374,6 +451,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         "tasks": tuple(args.tasks) if args.tasks else None,
         "eval_lengths": tuple(sorted(args.lengths)) if args.lengths else None,
         "steps": args.steps,
+        "family": args.family if args.family != "bart" else None,
     }
     return replace(QUICK if args.quick else Setup(), **{key: value for key, value in changes.items() if value})
 
@@ -382,8 +460,14 @@ def main(argv: list[str] | None = None) -> Path:
     """Runs the sweep and returns the CSV path."""
     args = parse_args(argv)
     setup = setup_from_args(args)
-    contenders = args.contenders or (["s4d", "truncated"] if args.quick else list(CONTENDERS))
-    stem = "long_range_probe" + ("_quick" if args.quick else "")
+    foreign = sorted(set(args.contenders or []) - set(FAMILIES[setup.family]))
+    if foreign:
+        raise SystemExit(
+            f"--contenders {' '.join(foreign)}: not a contender of --family {setup.family} (LED is the BART family's "
+            "peer, LongT5 the T5 family's). Fix: use led with --family bart and longt5 with --family t5."
+        )
+    contenders = args.contenders or (["s4d", "truncated"] if args.quick else FAMILIES[setup.family])
+    stem = "long_range_probe" + ("_quick" if args.quick else "") + family_suffix(setup)
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / f"{stem}.csv"
     command = "python benchmarks/long_range_probe.py " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -94,3 +94,55 @@ def test_tiling_copies_the_trained_rows_over_the_rest_of_the_table(long_range_pr
     torch.testing.assert_close(after[: offset + 12], before[: offset + 12], rtol=0, atol=0)  # trained rows kept
     for position in (12, 23, 24, 39):
         torch.testing.assert_close(after[offset + position], before[offset + position % 12], rtol=0, atol=0)
+
+
+def test_t5_family_contenders_are_t5_models_with_longt5_as_the_peer(long_range_probe, tmp_path):
+    """--family t5: every contender is a T5-family model (T5 fields, no position table to tile), LongT5 replaces LED,
+    and the family's files and folders end in _t5 so both families' sweeps share one output folder."""
+    setup = long_range_probe.setup_from_args(long_range_probe.parse_args(["--quick", "--family", "t5"]))
+    assert setup.family == "t5" and long_range_probe.family_suffix(setup) == "_t5"
+    for contender in ("s4d", "gss-hybrid", "attention", "local-attention", "truncated"):
+        args = long_range_probe.overrides(contender, setup, tmp_path, tmp_path, tmp_path / "run")
+        assert "model.family=t5" in args, contender
+        config = json.loads(next(arg for arg in args if arg.startswith("model.config=")).split("=", 1)[1])
+        assert config["d_ff"] == setup.ffn_dim and config["num_decoder_layers"] == setup.decoder_layers
+        assert "encoder_positions" not in config and not long_range_probe.tiles_positions(contender, setup)
+    assert long_range_probe.tiles_positions("attention", long_range_probe.QUICK)  # the BART family's learned table
+    assert "longt5" in long_range_probe.FAMILIES["t5"] and "led" not in long_range_probe.FAMILIES["t5"]
+    with pytest.raises(SystemExit, match="led: not a contender of --family t5"):
+        long_range_probe.main(["--quick", "--family", "t5", "--contenders", "led", "--out", str(tmp_path)])
+
+
+def test_the_longt5_peer_is_written_with_the_shared_tokenizer(long_range_probe, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from scrolls_ssm.synthetic import train_sentencepiece_tokenizer
+
+    setup = long_range_probe.setup_from_args(long_range_probe.parse_args(["--quick", "--family", "t5"]))
+    texts = [f"the special magic number for the red fox is {n} ." for n in range(10000, 10400)]
+    tokenizer = train_sentencepiece_tokenizer(texts, tmp_path / "spm", vocab_size=60, split_digits=True, style="t5")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    config = long_range_probe.model_config("longt5", setup)
+    folder = long_range_probe.write_peer("longt5", setup, config, 784, tmp_path / "tokenizer", tmp_path / "peer")
+    peer = AutoModelForSeq2SeqLM.from_pretrained(folder)
+    assert type(peer).__name__ == "LongT5ForConditionalGeneration"
+    assert peer.config.encoder_attention_type == "transient-global" and peer.config.local_radius == setup.window
+    assert (peer.config.num_layers, peer.config.d_model, peer.config.vocab_size) == (2, 32, len(tokenizer))
+    assert (peer.config.pad_token_id, peer.config.eos_token_id, peer.config.decoder_start_token_id) == (0, 1, 0)
+
+
+def test_a_quick_t5_family_sweep_trains_and_scores_longt5_and_s4d(long_range_probe, tmp_path):
+    csv_path = long_range_probe.main(
+        ["--quick", "--family", "t5", "--contenders", "longt5", "s4d", "--out", str(tmp_path)]
+    )
+    assert csv_path.name == "long_range_probe_quick_t5.csv"
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    setup = long_range_probe.QUICK
+    expected = 3 * len(setup.eval_lengths) * len(setup.depths) + len(setup.eval_lengths)
+    for contender in ("longt5", "s4d", "s4d (first 384)"):
+        cells = [row for row in rows if row["contender"] == contender]
+        assert len(cells) == expected and all(row["status"] == "ok" for row in cells), rows
+    config = json.loads((tmp_path / "runs_t5" / "s4d" / "model" / "config.json").read_text())
+    assert config["model_type"] == "scrolls_ssm_t5" and config["encoder_layer_types"] == ["s4d", "s4d"]
+    assert "T5Tokenizer" in (tmp_path / "tokenizer_t5" / "tokenizer_config.json").read_text()
