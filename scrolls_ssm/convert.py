@@ -100,7 +100,11 @@ def swap_encoder(
         raise _unsupported(family if family in SUPPORTED_FAMILIES else f"{family} ({type(source).__name__})")
 
     if family in T5_FAMILIES:
-        config = _scrolls_t5_config(source.config, encoder_layer_types, max_source_positions, config_overrides)
+        head, shared = source.get_output_embeddings().weight, source.get_input_embeddings().weight
+        tied_head = head.shape == shared.shape and torch.equal(head, shared)
+        config = _scrolls_t5_config(
+            source.config, encoder_layer_types, max_source_positions, config_overrides, tied_head
+        )
         model = ScrollsSSMT5ForConditionalGeneration(config)
         state = _convert_t5_state_dict(source, config)
     else:
@@ -226,9 +230,13 @@ def _encoder_layer_param(name: str, config: ScrollsSSMConfig) -> str | None:
     return None  # attention weights of a layer that now has another mixer, LED's global projections
 
 
-def _scrolls_t5_config(source_config, encoder_layer_types, max_source_positions, overrides) -> ScrollsSSMT5Config:
+def _scrolls_t5_config(
+    source_config, encoder_layer_types, max_source_positions, overrides, tied_lm_head: bool = True
+) -> ScrollsSSMT5Config:
     """The source's T5-family architecture plus the new encoder layout. `attention_window=w` (the toolkit's key for
-    local attention) becomes LongT5's local attention with radius w: each token sees w tokens either side."""
+    local attention) becomes LongT5's local attention with radius w: each token sees w tokens either side.
+    `tied_lm_head`: whether the source's LM head is its shared embedding (False for T5 v1.1 / Flan-T5 / mT5 weights;
+    transformers' T5 keeps such an output layer, and so does the swapped model)."""
     family = source_config.model_type
     fields = {
         name: getattr(source_config, name) for name in T5Config.__dataclass_fields__ if hasattr(source_config, name)
@@ -239,6 +247,7 @@ def _scrolls_t5_config(source_config, encoder_layer_types, max_source_positions,
         fields["decoder_start_token_id"] = source_config.pad_token_id
     # mT5's own model never scales its decoder output; T5, umT5 and LongT5 do when their config says so.
     fields["scale_decoder_outputs"] = bool(getattr(source_config, "scale_decoder_outputs", False))
+    fields["tie_word_embeddings"] = tied_lm_head
     if family == "longt5":
         fields["local_radius"] = source_config.local_radius
         fields["global_block_size"] = source_config.global_block_size

@@ -204,6 +204,54 @@ def test_save_and_load_with_auto_classes(tmp_path):
     assert loaded.config.scale_decoder_outputs == model.config.scale_decoder_outputs
 
 
+def write_flan_style_checkpoint(folder):
+    """A T5 v1.1 / Flan-T5-style checkpoint as those on the Hub are: `tie_word_embeddings: false` in config.json and an
+    `lm_head.weight` of its own in the weights file (transformers 5 configs tie always; the file decides)."""
+    from safetensors.torch import load_file, save_file
+
+    source_model("flan-t5").save_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"] = torch.randn(weights["shared.weight"].shape, generator=torch.Generator().manual_seed(1))
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    return weights["lm_head.weight"]
+
+
+def test_a_flan_t5_checkpoint_keeps_its_own_output_layer_through_swap_save_and_load(tmp_path, caplog):
+    head = write_flan_style_checkpoint(tmp_path / "flan")
+    original = T5ForConditionalGeneration.from_pretrained(tmp_path / "flan").eval()
+    assert torch.equal(original.lm_head.weight, head)  # transformers keeps the checkpoint's own output layer
+    model = swap_encoder(str(tmp_path / "flan"), ["attention"] * 3).eval()
+    assert torch.equal(model.lm_head.weight, head) and model.lm_head.weight is not model.get_input_embeddings().weight
+    assert not model.config.tie_word_embeddings and not model.config.scale_decoder_outputs
+    input_ids, mask, labels = batch()
+    with torch.no_grad():
+        expected = original(input_ids=input_ids, attention_mask=mask, labels=labels).logits
+        torch.testing.assert_close(model(input_ids=input_ids, attention_mask=mask, labels=labels).logits, expected)
+
+    model.save_pretrained(tmp_path / "ours")
+    caplog.clear()  # transformers' own T5 warns above that it did not tie the two; ours knows they differ
+    with caplog.at_level("WARNING"):
+        loaded, info = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not any(info.values()) and "tied weights" not in caplog.text, (info, caplog.text)
+    assert torch.equal(loaded.lm_head.weight, head) and not loaded.config.tie_word_embeddings
+    assert loaded.model.encoder.embed_tokens.weight is loaded.model.shared.weight  # the inputs still share one table
+    assert loaded.model.decoder.embed_tokens.weight is loaded.model.shared.weight
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.eval()(input_ids=input_ids, attention_mask=mask, labels=labels).logits, expected
+        )
+
+    # T5 v1.0 (one table for inputs and outputs) stays tied, and saves one copy.
+    tied = swap_encoder(source_model("t5"), ["s4d", "attention", "attention"])
+    assert tied.config.tie_word_embeddings and tied.lm_head.weight is tied.get_input_embeddings().weight
+    # A from-scratch config saying tie_word_embeddings=False gets an output layer of its own, initialized as T5's.
+    scratch = ScrollsSSMT5ForConditionalGeneration(ScrollsSSMT5Config(**SIZE, tie_word_embeddings=False))
+    assert scratch.lm_head.weight is not scratch.get_input_embeddings().weight
+    assert 0.8 < scratch.lm_head.weight.std().item() < 1.2 and not scratch.config.scale_decoder_outputs
+
+
 def test_trust_remote_code_load_without_the_package(tmp_path):
     model = swap_encoder(source_model("flan-t5"), ["mamba2", "attention", "s4d"], mamba2_headdim=16).eval()
     model.save_pretrained(tmp_path / "model")

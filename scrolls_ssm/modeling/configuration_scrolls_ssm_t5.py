@@ -33,6 +33,9 @@ class ScrollsSSMT5Config(MixerFields, T5Config):
     - `encoder_attention_type`: `"full"` (T5, mT5, umT5), `"local"` or `"transient-global"` (LongT5's two kinds;
       `"local"` also gives any family a sliding window of `local_radius` tokens either side).
     - `local_radius`, `global_block_size`: LongT5's window radius and global block length.
+    - `tie_word_embeddings`: whether the LM head is the shared embedding (T5 v1.0: yes; T5 v1.1 / Flan-T5 / mT5
+      checkpoints have their own output layer). As in `T5Config`, `False` alone also means no output scaling
+      (`scale_decoder_outputs`); a swap sets both from the checkpoint.
     - `max_source_positions`: `None` (no limit: T5 encoders have relative positions, state-space mixers none) or an
       int that inputs may not exceed; a limit only, it can be raised when loading.
     - `ssm_*` and `<kind>_*`: hyper-parameters of the state-space mixers (as in `ScrollsSSMConfig`).
@@ -59,12 +62,16 @@ class ScrollsSSMT5Config(MixerFields, T5Config):
 
     def __post_init__(self, **kwargs):
         self._default_layout(self.num_layers)
-        # T5Config derives `scale_decoder_outputs` from `tie_word_embeddings` and then ties them always. A saved config
-        # holds both, already resolved: the saved `scale_decoder_outputs` must win over the re-derivation.
+        # T5Config reads `tie_word_embeddings=False` (T5 v1.1, Flan-T5) as "no output scaling", then sets it to True.
+        # Here it keeps its own meaning too, whether the LM head is the shared embedding: v1.1 checkpoints have an
+        # output layer of their own, which transformers' T5 keeps by not tying weights that differ in the checkpoint.
+        # A saved config holds both, already resolved: the saved `scale_decoder_outputs` wins over the re-derivation.
         scale = kwargs.pop("scale_decoder_outputs", None)
+        tie = kwargs.get("tie_word_embeddings", None) is not False
         super().__post_init__(**kwargs)
         if scale is not None:
             self.scale_decoder_outputs = bool(scale)
+        self.tie_word_embeddings = tie
         self._keep_registered_auto_class()
 
     def validate_architecture(self):

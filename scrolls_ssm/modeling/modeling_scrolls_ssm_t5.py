@@ -160,7 +160,9 @@ class ScrollsSSMT5PreTrainedModel(ScrollsSSMModelMixin, PreTrainedModel):
         factor = self.config.initializer_factor
         d_model, d_kv, heads = self.config.d_model, self.config.d_kv, self.config.num_heads
         if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=factor * module.in_features**-0.5)
+            own_head = module is getattr(self, "lm_head", None) and not self.config.tie_word_embeddings
+            # An output layer of its own starts as T5's does; every other linear layer fan-in scaled.
+            init.normal_(module.weight, mean=0.0, std=factor * (1.0 if own_head else module.in_features**-0.5))
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -313,6 +315,13 @@ class ScrollsSSMT5Model(ScrollsSSMT5PreTrainedModel):
         self.decoder = _build_decoder(config)
         self.post_init()
 
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        """The encoder and decoder always read the shared embedding; `config.tie_word_embeddings` is about the LM
+        head only (transformers' default would untie these too when it is False)."""
+        if all_submodels:
+            return super().get_expanded_tied_weights_keys(all_submodels=True)
+        return dict(self._tied_weights_keys)
+
     def get_input_embeddings(self):
         return self.shared
 
@@ -374,8 +383,9 @@ class ScrollsSSMT5Model(ScrollsSSMT5PreTrainedModel):
 
 
 class ScrollsSSMT5ForConditionalGeneration(ScrollsSSMT5PreTrainedModel, GenerationMixin):
-    """The seq2seq model: `ScrollsSSMT5Model` + the LM head (tied to the shared embeddings, as transformers ties every
-    T5-family checkpoint; the decoder output is scaled by d_model^-0.5 first where `config.scale_decoder_outputs`)."""
+    """The seq2seq model: `ScrollsSSMT5Model` + the LM head: the shared embedding where `config.tie_word_embeddings`
+    (T5 v1.0), else an output layer of its own, as in T5 v1.1 / Flan-T5 / mT5 checkpoints. The decoder output is scaled
+    by d_model^-0.5 first where `config.scale_decoder_outputs`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
 
