@@ -109,6 +109,10 @@ def test_t5_family_contenders_are_t5_models_with_longt5_as_the_peer(long_range_p
         assert "encoder_positions" not in config and not long_range_probe.tiles_positions(contender, setup)
     assert long_range_probe.tiles_positions("attention", long_range_probe.QUICK)  # the BART family's learned table
     assert "longt5" in long_range_probe.FAMILIES["t5"] and "led" not in long_range_probe.FAMILIES["t5"]
+    # T5's full attention (a materialized relative bias) runs only when asked for by name.
+    defaults = long_range_probe.DEFAULT_CONTENDERS
+    assert "attention" in long_range_probe.FAMILIES["t5"] and "attention" not in defaults["t5"]
+    assert defaults["bart"] == long_range_probe.FAMILIES["bart"]
     with pytest.raises(SystemExit, match="led: not a contender of --family t5"):
         long_range_probe.main(["--quick", "--family", "t5", "--contenders", "led", "--out", str(tmp_path)])
 
