@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import math
 from dataclasses import asdict
 
 import pytest
@@ -68,15 +69,17 @@ def test_unregistered_kind_is_recorded_as_skipped(encoder_scaling, tmp_path, mon
     assert row["status"] == "skipped" and "no-such-kind" in row["note"]
 
 
-def test_gradient_checkpointing_recomputes_the_forward(encoder_scaling):
-    """--gradient-checkpointing: the counted FLOPs grow by the recomputed forward of the blocks (measured: 0.250 ->
-    0.283 GFLOP; less than a third more because the SSD's intra-chunk term is recomputed in both cases)."""
+def test_gradient_checkpointing_runs_are_timed_and_measured_but_not_flop_counted(encoder_scaling):
+    """--gradient-checkpointing: FlopCounterMode keeps what checkpointing frees (bart-base Mamba-2 at 4K: 6.3 GiB with
+    the counter against 2.2 GiB without), so a checkpointed run reports NaN FLOPs rather than an extra step that
+    would not fit; time and memory are measured as for any run."""
     size = asdict(encoder_scaling.SIZES["tiny"])
     spec = {"config": "mamba2", "length": 128, "size": size, "device": "cpu", "repeats": 1}
     plain = encoder_scaling.measure(spec)
     recomputed = encoder_scaling.measure({**spec, "gradient_checkpointing": True})
     assert plain["status"] == recomputed["status"] == "ok"
-    assert 1.08 < recomputed["gflop"] / plain["gflop"] < 1.6, (plain["gflop"], recomputed["gflop"])
+    assert plain["gflop"] > 0 and math.isnan(recomputed["gflop"]) and math.isnan(recomputed["matmul_util"])
+    assert recomputed["time_s"] > 0 and recomputed["peak_mem_mb"] >= 0
 
 
 @pytest.mark.parametrize("config", ["s4d", "gss-hybrid", "local-attention", "ffn-only"])
