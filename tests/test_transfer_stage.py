@@ -146,7 +146,12 @@ def test_two_processes_run_the_stage_once_and_train_from_its_result(setup, unint
     result = launch_two_processes(overrides(base, data, out, *STAGE))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     one, two = (load_file(run / "transfer" / "model.safetensors") for run in (uninterrupted, out))
-    assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
+    assert one.keys() == two.keys()
+    # Equal up to float32 reduction order: the launched processes run one torch thread each (accelerate sets
+    # OMP_NUM_THREADS=1), the in-process run all cores', and the matmul kernels split their sums by thread count
+    # (measured: 5e-9 apart on this machine). A stage that trained on other data or steps is orders of magnitude off.
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
     report = json.loads((out / "transfer" / "transfer.json").read_text())
     assert len(report["transfer"]["log"]) == 12 and not (out / "transfer" / "state").exists()
     assert (out / "model" / "model.safetensors").is_file()
