@@ -480,8 +480,13 @@ def main(argv: list[str] | None = None) -> Path:
                 rows.append({**base, "status": "skipped", "note": blocked})
                 print(f"[{done}/{total}] {config} L={length}: skipped ({blocked})", flush=True)
                 continue
-            spec = {"config": config, "length": length, "size": asdict(size), "device": args.device}
-            spec["family"] = args.family
+            spec = {
+                "config": config,
+                "length": length,
+                "size": asdict(size),
+                "device": args.device,
+                "family": args.family,
+            }
             started = time.monotonic()
             settings = {
                 "repeats": args.repeats,

@@ -168,10 +168,10 @@ def build_model(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> P
     return model
 
 
-def set_attention_implementation(model: PreTrainedModel, requested: str) -> str:
+def set_attention_implementation(model: PreTrainedModel, requested: str) -> None:
     """Use `requested` (model.attn_implementation) where the model's class has it; a peer whose attention has no such
     path (LongT5: eager only; a T5-family model of this toolkit: no FlashAttention, whose kernels take no position
-    bias) gets the best path it has, with a warning, instead of failing the run. Returns the one set."""
+    bias) gets the best path it has, with a warning, instead of failing the run."""
     supported = {"eager": True, "sdpa": model._supports_sdpa, "flash_attention_2": model._supports_flash_attn}
     if not supported.get(requested, True):
         fallback = "sdpa" if model._supports_sdpa else "eager"
@@ -182,7 +182,6 @@ def set_attention_implementation(model: PreTrainedModel, requested: str) -> str:
         )
         requested = fallback
     model.set_attn_implementation(requested)
-    return requested
 
 
 def _build(

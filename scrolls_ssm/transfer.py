@@ -43,8 +43,7 @@ def attention_teacher(
     attention_window: int | None = None,
 ) -> ScrollsSSMForConditionalGeneration:
     """The original checkpoint `base` (BART, LED or T5 family, a model or a path / Hub id) with every encoder layer
-    `attention`,
-    at the student's length limit, in eval mode and without gradients."""
+    `attention`, at the student's length limit, in eval mode and without gradients."""
     layers = ["attention"] * len(student.config.encoder_layer_types)
     teacher = swap_encoder(
         base, layers, max_source_positions=student.config.max_source_positions, attention_window=attention_window
@@ -490,11 +489,10 @@ def original_position_limit(base: PreTrainedModel | str | os.PathLike) -> int:
     """The longest input the checkpoint `base` was trained on: its encoder's learned positions."""
     from transformers import AutoConfig
 
-    config = base.config if isinstance(base, PreTrainedModel) else AutoConfig.from_pretrained(base)
-    limit = getattr(config, "max_encoder_position_embeddings", None) or getattr(
-        config, "max_position_embeddings", None
-    )
-    return limit if limit is not None else sys.maxsize  # the T5 family: relative positions, no table
+    from .build import encoder_length_limit
+
+    # BART: max_position_embeddings, LED: max_encoder_position_embeddings, the T5 family: no table (unbounded).
+    return encoder_length_limit(base.config if isinstance(base, PreTrainedModel) else AutoConfig.from_pretrained(base))
 
 
 def run_transfer(
