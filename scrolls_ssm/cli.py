@@ -226,6 +226,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             distill_learning_rate=args.distill_lr,
             distill_train=args.distill_train,
             checkpoint_every_steps=args.checkpoint_every_steps,
+            batches_per_step=args.batches_per_step,
         )
         report.update(
             run_transfer(
@@ -393,6 +394,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--transfer-max-length", type=_positive_int, default=None, help="tokens per document (default: the limit)"
     )
     convert.add_argument("--transfer-tokens-per-batch", type=_positive_int, default=16384, help="batch token budget")
+    convert.add_argument(
+        "--batches-per-step",
+        type=_positive_int,
+        default=None,
+        help="batches averaged per optimizer step of both stages (default: one per process)",
+    )
     convert.add_argument(
         "--teacher-window", type=_positive_int, default=None, help="block-local teacher attention (default: full)"
     )

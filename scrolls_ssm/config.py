@@ -139,6 +139,9 @@ class TransferConfig:
     distill_train: str = "mixers"
     # Save the stage's state every N steps (and at its end); an interrupted run resumes it with train.resume=auto.
     checkpoint_every_steps: int | None = None
+    # Batches averaged per optimizer step of both stages, dealt out over the processes (null: one per process, so
+    # N processes take N batches a step, as data-parallel training does).
+    batches_per_step: int | None = None
 
 
 @dataclass
@@ -265,6 +268,7 @@ RANGES: dict[str, Range] = {
     "transfer.distill_steps": Range(0),
     "transfer.distill_learning_rate": Range(0, low_open=True),
     "transfer.checkpoint_every_steps": _POSITIVE,
+    "transfer.batches_per_step": _POSITIVE,
 }
 
 

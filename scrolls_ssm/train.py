@@ -122,8 +122,9 @@ def _run(cfg: RunConfig, accelerator: Accelerator, out: Path, resume_candidates:
                 "picks it where the GPU has it) or no."
             )
         source_limit = encoder_length_limit(model.config)
-        if training and not resume_candidates and (cfg.transfer.steps or cfg.transfer.distill_steps):
-            _transfer_stage(cfg, accelerator, model, tokenizer, raw_train, source_limit, out)
+    if training and not resume_candidates and (cfg.transfer.steps or cfg.transfer.distill_steps):
+        _transfer_stage(cfg, accelerator, model, tokenizer, raw_train, source_limit, out)  # every process takes part
+    with accelerator.main_process_first():
         train_set = _tokenize_train(cfg, tokenizer, raw_train, source_limit) if training else None
         eval_sets, predict_sets = _tokenize_evaluation(cfg, tokenizer, data_dir, source_limit)
     global_attention = uses_global_attention(model)  # LED: global attention on <s>
@@ -256,9 +257,10 @@ def _train(
 
 
 def _transfer_stage(cfg: RunConfig, accelerator: Accelerator, model, tokenizer, raw_train, source_limit, out) -> None:
-    """Run the recipe's `transfer:` stage on `model` in place (docs/transfer.md). The first process to get here runs
-    it and keeps the result in `<output_dir>/transfer/` (model.safetensors, transfer.json with the report); the other
-    processes, and a run restarted with the same settings, load that instead. The stage checkpoints itself in
+    """Run the recipe's `transfer:` stage on `model` in place (docs/transfer.md). Every process takes part: each
+    optimizer step's batches are dealt out over them and their gradients summed (`transfer.batches_per_step`, default
+    one per process). The result is kept in `<output_dir>/transfer/` (model.safetensors, transfer.json with the
+    report), which a run restarted with the same settings loads instead. The stage checkpoints itself in
     `transfer/state/` every `transfer.checkpoint_every_steps` steps; a restart with `train.resume=auto` resumes it."""
     from safetensors.torch import load_model, save_model
 
@@ -276,15 +278,19 @@ def _transfer_stage(cfg: RunConfig, accelerator: Accelerator, model, tokenizer, 
         sort_keys=True,
     )
     report_path, weights = folder / "transfer.json", folder / "model.safetensors"
-    if report_path.is_file() and weights.is_file() and json.loads(report_path.read_text())["settings"] == settings:
+    done = report_path.is_file() and weights.is_file() and json.loads(report_path.read_text())["settings"] == settings
+    accelerator.wait_for_everyone()  # every process has looked before the first one writes anything
+    if done:
         load_model(model, weights)
         accelerator.print(f"Transfer: loaded the transferred mixers from {folder}.")
         return
     state_dir = folder / "state"
-    if (state_dir / "settings.json").is_file() and (state_dir / "settings.json").read_text() != settings:
-        shutil.rmtree(state_dir)  # written for other settings: starts over
-    state_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(state_dir / "settings.json", settings)
+    if accelerator.is_main_process:
+        if (state_dir / "settings.json").is_file() and (state_dir / "settings.json").read_text() != settings:
+            shutil.rmtree(state_dir)  # written for other settings: starts over
+        state_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(state_dir / "settings.json", settings)
+    accelerator.wait_for_everyone()
     if cfg.transfer.documents:
         documents = read_documents(cfg.transfer.documents)
     else:
@@ -311,11 +317,15 @@ def _transfer_stage(cfg: RunConfig, accelerator: Accelerator, model, tokenizer, 
         + f"; encoder cosine to the original {report['encoder_cosine_before']:.3f} -> "
         f"{report['encoder_cosine_after']:.3f}."
     )
-    staging = folder / ".model.safetensors.tmp"
-    save_model(model, str(staging))
-    os.replace(staging, weights)
-    write_text_atomic(report_path, json.dumps({"settings": settings, **report}, indent=1) + "\n")
-    shutil.rmtree(state_dir)
+    if accelerator.is_main_process:
+        staging = folder / ".model.safetensors.tmp"
+        save_model(model, str(staging))
+        os.replace(staging, weights)
+        write_text_atomic(report_path, json.dumps({"settings": settings, **report}, indent=1) + "\n")
+        shutil.rmtree(state_dir)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        load_model(model, weights)  # the first process's weights, bit for bit
 
 
 # --- data -----------------------------------------------------------------------------------------------------------

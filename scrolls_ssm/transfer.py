@@ -278,6 +278,7 @@ def transfer_attention(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every_steps: int | None = None,
+    batches_per_step: int | None = None,
 ) -> list[dict[str, float]]:
     """Train the student's swapped mixers, all layers in one pass, to reproduce the teacher's attention outputs.
 
@@ -289,6 +290,9 @@ def transfer_attention(
         steps: optimizer steps. learning_rate, weight_decay, max_grad_norm: AdamW and clipping.
         checkpoint, checkpoint_every_steps: a file to save the stage's state to every N steps and at its end; a call
             that finds it resumes from it (see `_optimize`).
+        batches_per_step: batches averaged per optimizer step (default: one per process). Under torch.distributed
+            (`accelerate launch`), every process calls this with the same arguments and the batches of each step
+            are dealt out over them (see `_optimize`).
 
     Returns the log: one `{"step", "loss", "layer_<i>"}` record per step (relative errors, see the module doc). The
     student is left in training mode with the transferred mixers; nothing else in it changes.
@@ -324,6 +328,7 @@ def transfer_attention(
             description="attention transfer" if progress else None,
             checkpoint=checkpoint,
             checkpoint_every_steps=checkpoint_every_steps,
+            batches_per_step=batches_per_step,
         )
     finally:
         capture.remove()
@@ -346,6 +351,7 @@ def distill_outputs(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every_steps: int | None = None,
+    batches_per_step: int | None = None,
 ) -> list[dict[str, float]]:
     """The end-to-end stage after `transfer_attention`: the student's next-token distributions learn the original
     model's, KL(teacher || student) per target token, on `batches` with `labels` (e.g. `denoising_batches` of the
@@ -354,8 +360,8 @@ def distill_outputs(
 
     train: which parameters learn: "mixers" (the swapped layers' mixers; everything else stays bit for bit),
     "encoder" (the whole encoder) or "all". temperature: both distributions are softened by it (the loss is scaled
-    by its square, as usual). checkpoint, checkpoint_every_steps: as for `transfer_attention`. Returns one
-    `{"step", "loss"}` record per step (mean KL per target token, nats).
+    by its square, as usual). checkpoint, checkpoint_every_steps, batches_per_step: as for `transfer_attention`.
+    Returns one `{"step", "loss"}` record per step (mean KL per target token, nats).
     """
     if train not in DISTILL_PARAMETERS:
         raise ValueError(f"train={train!r}: choose one of {', '.join(DISTILL_PARAMETERS)}.")
@@ -394,6 +400,7 @@ def distill_outputs(
         description="output distillation" if progress else None,
         checkpoint=checkpoint,
         checkpoint_every_steps=checkpoint_every_steps,
+        batches_per_step=batches_per_step,
     )
 
 
@@ -410,15 +417,26 @@ def _optimize(
     description: str | None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every_steps: int | None = None,
+    batches_per_step: int | None = None,
 ) -> list[dict[str, float]]:
     """AdamW on `parameters` for `steps` steps over `batches` (cycled, a new shuffled order each round, fixed by
     `seed`); `step_loss(batch)` returns the loss and extra values to log. Returns the per-step log.
 
-    With `checkpoint` (a file path), the parameters, optimizer, RNG and log are saved there atomically every
-    `checkpoint_every_steps` steps and at the end, and a call that finds the file continues from it: the same
-    arguments give the same result, interrupted or not (a finished stage returns at once)."""
+    Each step averages the gradients of `batches_per_step` batches (default: one per process). Under
+    torch.distributed (e.g. `accelerate launch`), every process calls this with the same arguments: the batches of a
+    step are dealt out over the processes, gradients and logged values are summed across them, and every process
+    starts from the first one's parameters, so all end with the same ones. A one-process call with
+    `batches_per_step=N` computes what N processes do, up to float rounding.
+
+    With `checkpoint` (a file path), the parameters, optimizer, RNG and log are saved there atomically (by the first
+    process) every `checkpoint_every_steps` steps and at the end, and a call that finds the file continues from it:
+    the same arguments give the same result, interrupted or not (a finished stage returns at once)."""
+    rank, world = _process_group()
+    per_step = world if batches_per_step is None else batches_per_step
     if steps < 1:
         raise ValueError(f"steps={steps}: at least one optimizer step is needed.")
+    if per_step < 1:
+        raise ValueError(f"batches_per_step={batches_per_step}: at least one batch per step is needed.")
     if not batches:
         raise ValueError("at least one batch of documents is needed.")
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
@@ -427,33 +445,71 @@ def _optimize(
     log: list[dict[str, float]] = []
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_file():
-        log = _load_stage(path, parameters, optimizer, steps)
-        for _ in log:  # the batches those steps used
+        log = _load_stage(path, parameters, optimizer, steps, per_step)
+        for _ in range(len(log) * per_step):  # the batches those steps used
             next(order)
-    progress = tqdm(total=steps, initial=len(log), desc=description, disable=description is None)
+    elif world > 1:
+        with torch.no_grad():
+            for param in parameters:
+                torch.distributed.broadcast(param.data, src=0)
+    progress = tqdm(total=steps, initial=len(log), desc=description, disable=description is None or rank != 0)
     for step in range(len(log) + 1, steps + 1):
-        batch = {key: value.to(device) for key, value in batches[next(order)].items()}
-        loss, values = step_loss(batch)
-        loss.backward()
+        chosen = [next(order) for _ in range(per_step)]
+        totals: dict[str, float] = {}
+        for index in chosen[rank::world]:
+            batch = {key: value.to(device) for key, value in batches[index].items()}
+            loss, values = step_loss(batch)
+            (loss / per_step).backward()
+            for name, value in {**values, "loss": float(loss.detach())}.items():
+                totals[name] = totals.get(name, 0.0) + value / per_step
+        if world > 1:
+            totals = _sum_over_processes(parameters, totals, device)
         if max_grad_norm:
             nn.utils.clip_grad_norm_(parameters, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        log.append({"step": step, **values, "loss": float(loss.detach())})
+        log.append({"step": step, **{name: value for name, value in totals.items() if name != "loss"}})
+        log[-1]["loss"] = totals["loss"]
         progress.update(1)
         if path is not None and (step == steps or (checkpoint_every_steps and step % checkpoint_every_steps == 0)):
-            _save_stage(path, parameters, optimizer, log)
+            if rank == 0:
+                _save_stage(path, parameters, optimizer, log, per_step)
             kill_point(f"{path.stem}-saved", step)
     progress.close()
     return log
 
 
-def _save_stage(path: Path, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer, log: list) -> None:
+def _process_group() -> tuple[int, int]:
+    """(rank, number of processes) of the torch.distributed group this process is in; (0, 1) outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _sum_over_processes(
+    parameters: list[nn.Parameter], totals: dict[str, float], device: torch.device
+) -> dict[str, float]:
+    """Sum the gradients (a process whose share of the step was empty adds zeros) and the logged values over every
+    process; the values come back in the same order of names on every process."""
+    for param in parameters:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        torch.distributed.all_reduce(param.grad)
+    names = sorted(totals)
+    summed = torch.tensor([totals[name] for name in names], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(summed)
+    return dict(zip(names, summed.tolist(), strict=True))
+
+
+def _save_stage(
+    path: Path, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer, log: list, batches_per_step: int
+) -> None:
     state = {
         "parameters": [param.detach().cpu() for param in parameters],
         "optimizer": optimizer.state_dict(),
         "rng": torch.get_rng_state(),
         "log": log,
+        "batches_per_step": batches_per_step,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
@@ -461,7 +517,9 @@ def _save_stage(path: Path, parameters: list[nn.Parameter], optimizer: torch.opt
     os.replace(staging, path)  # a kill leaves the previous checkpoint whole
 
 
-def _load_stage(path: Path, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer, steps: int) -> list:
+def _load_stage(
+    path: Path, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer, steps: int, batches_per_step: int
+) -> list:
     """Restore a `_save_stage` file into `parameters` and `optimizer`; returns its log."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     shapes = [tuple(tensor.shape) for tensor in state["parameters"]]
@@ -470,6 +528,13 @@ def _load_stage(path: Path, parameters: list[nn.Parameter], optimizer: torch.opt
             f"{path} holds the state of another stage ({len(shapes)} tensors, {len(state['log'])} steps), not of this "
             f"one ({len(parameters)} tensors, {steps} steps). Fix: delete it to start the stage over, or use the "
             "settings it was written with."
+        )
+    saved_per_step = state.get("batches_per_step", 1)
+    if saved_per_step != batches_per_step:
+        raise ValueError(
+            f"{path} was written with {saved_per_step} batch(es) per step and this run takes {batches_per_step} (one "
+            "per process unless batches_per_step is set). Fix: resume with as many processes as wrote it, set "
+            f"batches_per_step={saved_per_step}, or delete the file to start the stage over."
         )
     with torch.no_grad():
         for param, saved in zip(parameters, state["parameters"], strict=True):
@@ -540,6 +605,7 @@ def run_transfer(
             progress=progress,
             checkpoint=work / "attention_transfer.pt" if work else None,
             checkpoint_every_steps=settings.checkpoint_every_steps,
+            batches_per_step=settings.batches_per_step,
         )
         report["transfer"] = {"steps": settings.steps, "learning_rate": settings.learning_rate, "log": log}
     if settings.distill_steps:
@@ -558,6 +624,7 @@ def run_transfer(
             progress=progress,
             checkpoint=work / "output_distillation.pt" if work else None,
             checkpoint_every_steps=settings.checkpoint_every_steps,
+            batches_per_step=settings.batches_per_step,
         )
         report["distillation"] = {
             "steps": settings.distill_steps,

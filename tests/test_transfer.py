@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import random
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,17 +21,13 @@ from scrolls_ssm.transfer import (
     text_batches,
     transfer_attention,
 )
-from tests.training_fixtures import WORDS, write_tiny_bart
+from tests.training_fixtures import write_tiny_bart
+from tests.transfer_fixtures import STEPS, documents, transfer_setup
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return write_tiny_bart(tmp_path_factory.mktemp("bart"), dropout=0.0)
-
-
-def _documents(count: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 45))) for _ in range(count)]
 
 
 def test_relative_error_by_hand():
@@ -46,8 +46,8 @@ def test_transfer_lowers_the_error_and_changes_only_the_swapped_mixers(base, kin
     torch.manual_seed(0)
     student = swap_encoder(base, [kind, "attention"], max_source_positions=64, encoder_positions="none")
     teacher = attention_teacher(base, student)
-    train = text_batches(_documents(48, seed=0), tokenizer, max_length=64, max_tokens=256)
-    held_out = text_batches(_documents(16, seed=1), tokenizer, max_length=64, max_tokens=256)
+    train = text_batches(documents(48, seed=0), tokenizer, max_length=64, max_tokens=256)
+    held_out = text_batches(documents(16, seed=1), tokenizer, max_length=64, max_tokens=256)
     assert swapped_layers(student) == [0]
     before_state = {name: tensor.clone() for name, tensor in student.state_dict().items()}
     before = layer_errors(student, teacher, held_out)
@@ -70,7 +70,7 @@ def test_the_teacher_is_the_original_attention_and_padding_changes_nothing(base)
     student = swap_encoder(base, ["s4d", "s4d"], max_source_positions=64)
     teacher = attention_teacher(base, student)
     bart = BartForConditionalGeneration.from_pretrained(base).eval()
-    batch = text_batches(_documents(2, seed=2), tokenizer, max_length=30, max_tokens=1000)[0]
+    batch = text_batches(documents(2, seed=2), tokenizer, max_length=30, max_tokens=1000)[0]
     with torch.no_grad():
         ours = teacher.get_encoder()(**batch).last_hidden_state
         theirs = bart.get_encoder()(**batch).last_hidden_state
@@ -87,7 +87,7 @@ def test_the_teacher_is_the_original_attention_and_padding_changes_nothing(base)
 def test_bad_calls_say_what_is_wrong(base):
     tokenizer = AutoTokenizer.from_pretrained(base)
     all_attention = swap_encoder(base, ["attention", "attention"], max_source_positions=64)
-    batches = text_batches(_documents(2, seed=3), tokenizer, max_length=64, max_tokens=256)
+    batches = text_batches(documents(2, seed=3), tokenizer, max_length=64, max_tokens=256)
     with pytest.raises(ValueError, match="no swapped layer"):
         transfer_attention(all_attention, attention_teacher(base, all_attention), batches, steps=1)
     student = swap_encoder(base, ["s4d", "attention"], max_source_positions=64)
@@ -107,7 +107,7 @@ def test_convert_command_swaps_transfers_and_saves_a_loadable_model(base, tmp_pa
     from scrolls_ssm.cli import main
 
     data = tmp_path / "train.jsonl"
-    rows = [{"id": str(i), "pid": f"{i}_0", "input": text, "output": "x"} for i, text in enumerate(_documents(40, 4))]
+    rows = [{"id": str(i), "pid": f"{i}_0", "input": text, "output": "x"} for i, text in enumerate(documents(40, 4))]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     common = ["convert", "--base", str(base), "--layers", "s4d,attention", "--max-source-positions", "64"]
     assert main([*common, "--out", str(tmp_path / "plain")]) == 0
@@ -127,7 +127,7 @@ def test_convert_command_swaps_transfers_and_saves_a_loadable_model(base, tmp_pa
     assert report["encoder_cosine_before"] < report["encoder_cosine_after"] <= 1.0
     assert not (tmp_path / ".moved.transfer-state").exists()  # the stage checkpoints go once --out is written
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "moved")
-    batches = text_batches(_documents(8, seed=5), tokenizer, max_length=64, max_tokens=256)
+    batches = text_batches(documents(8, seed=5), tokenizer, max_length=64, max_tokens=256)
     teacher = attention_teacher(base, plain)
     assert layer_errors(moved, teacher, batches)[0] < 0.5 * layer_errors(plain, teacher, batches)[0]
 
@@ -189,7 +189,7 @@ def test_weight_reuse_maps_v_k_q_o_into_mamba2_and_starts_closer(base):
     from scrolls_ssm.transfer import reuse_attention_weights
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    held_out = text_batches(_documents(16, seed=1), tokenizer, max_length=64, max_tokens=256)
+    held_out = text_batches(documents(16, seed=1), tokenizer, max_length=64, max_tokens=256)
     errors = {}
     for reuse in (False, True):
         torch.manual_seed(0)
@@ -225,8 +225,8 @@ def test_per_head_weight_reuse_gives_each_group_its_heads_k_q_v_and_o(base):
     from scrolls_ssm.transfer import reuse_attention_weights
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    train = text_batches(_documents(48, seed=0), tokenizer, max_length=64, max_tokens=256)
-    held_out = text_batches(_documents(16, seed=1), tokenizer, max_length=64, max_tokens=256)
+    train = text_batches(documents(48, seed=0), tokenizer, max_length=64, max_tokens=256)
+    held_out = text_batches(documents(16, seed=1), tokenizer, max_length=64, max_tokens=256)
     per_head = dict(mamba2_ngroups=4, mamba2_d_state=8, mamba2_headdim=8)
     starts = {
         "random": (False, per_head), "per-head": (True, per_head), "tiled": (True, dict(mamba2_headdim=8)),
@@ -265,8 +265,8 @@ def test_weight_reuse_maps_v_k_q_o_into_mamba_and_ends_closer_after_transfer(bas
     from scrolls_ssm.transfer import reuse_attention_weights
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    train = text_batches(_documents(48, seed=0), tokenizer, max_length=64, max_tokens=256)
-    held_out = text_batches(_documents(16, seed=1), tokenizer, max_length=64, max_tokens=256)
+    train = text_batches(documents(48, seed=0), tokenizer, max_length=64, max_tokens=256)
+    held_out = text_batches(documents(16, seed=1), tokenizer, max_length=64, max_tokens=256)
     errors = {}
     for reuse in (False, True):
         torch.manual_seed(0)
@@ -296,3 +296,57 @@ def test_weight_reuse_maps_v_k_q_o_into_mamba_and_ends_closer_after_transfer(bas
         torch.testing.assert_close(rows[rank + d_state :] @ value, q.repeat(repeats, 1)[:d_state])
     torch.testing.assert_close(mixer.out_proj.weight[:, :d_model], o, rtol=0, atol=0)
     assert mixer.out_proj.weight[:, d_model:].abs().sum() == 0
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_processes_share_each_step_and_end_as_one_process_averaging_their_batches(base, tmp_path):
+    """`transfer_attention` under plain torch.distributed (torchrun, gloo): with one batch per process per step (the
+    default) or 3 batches dealt out unevenly over 2 processes, both processes end with the same mixer, equal to what
+    one process computes averaging the same batches per step, and log the same losses. Each process starts from a
+    mixer of its own: the stage starts all from the first one's."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(REPO / "tests" / "transfer_worker.py"), str(base), str(tmp_path), "default", "3"]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
+        output, _ = process.communicate()
+        pytest.fail(f"the two transfer processes hung (mismatched collectives): {output[-3000:]}")
+    assert process.returncode == 0, output[-4000:]
+
+    for setting, per_step in (("default", 2), ("3", 3)):
+        ranks = [torch.load(tmp_path / setting / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+        student, teacher, batches = transfer_setup(base, seed=100)  # the first process's initialization
+        log = transfer_attention(
+            student, teacher, batches, STEPS, learning_rate=5e-3, progress=False, batches_per_step=per_step
+        )
+        want = student.get_encoder().layers[0].mixer.state_dict()
+        for name, tensor in want.items():
+            assert torch.equal(ranks[0]["mixer"][name], ranks[1]["mixer"][name]), name
+            # Up to float32 rounding: the gradients are summed in another order (3 batches: (b0 + b2) + b1 against
+            # (b0 + b1) + b2), measured 4e-8 relative (A_imag, values up to 100: 3.8e-6 apart).
+            torch.testing.assert_close(ranks[0]["mixer"][name], tensor, rtol=1e-6, atol=1e-6, msg=f"{setting}: {name}")
+        assert [row["loss"] for row in ranks[0]["log"]] == pytest.approx([row["loss"] for row in log], rel=1e-6)
+        assert ranks[0]["log"] == ranks[1]["log"]
+    # The processes did start apart, and the steps did change the mixer.
+    first, second = (
+        transfer_setup(base, seed=seed)[0].get_encoder().layers[0].mixer.state_dict() for seed in (100, 101)
+    )
+    assert any(not torch.equal(first[name], second[name]) for name in first)
+    assert any(not torch.equal(first[name], want[name]) for name in first)
+
+
+def test_a_stage_checkpoint_resumes_only_with_the_batches_per_step_it_was_written_with(base, tmp_path):
+    student, teacher, batches = transfer_setup(base)
+    checkpoint = tmp_path / "stage.pt"
+    transfer_attention(student, teacher, batches, 2, progress=False, checkpoint=checkpoint)
+    with pytest.raises(ValueError, match=r"1 batch\(es\) per step and this run takes 2 .*batches_per_step=1"):
+        transfer_attention(student, teacher, batches, 4, progress=False, checkpoint=checkpoint, batches_per_step=2)
+    log = transfer_attention(student, teacher, batches, 4, progress=False, checkpoint=checkpoint, batches_per_step=1)
+    assert [row["step"] for row in log] == [1, 2, 3, 4]
