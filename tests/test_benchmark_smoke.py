@@ -93,3 +93,33 @@ def test_t5_family_encoders_are_measured(encoder_scaling, config):
         assert encoder.config.encoder_layer_types == encoder_scaling.layer_types(config, 2)
     result = encoder_scaling.measure(spec)
     assert result["status"] == "ok" and result["time_s"] > 0 and result["gflop"] > 0, result
+
+
+def test_scan_floor_counts_the_scan_in_passes_and_sets_it_against_led(tmp_path):
+    """benchmarks/scan_floor.py at tiny lengths: the passes are the scan's times over the pass time, and the budget is
+    LED's time (from a scaling CSV, at the run's thread count only) / 3 / the `small` encoder's 4 layers."""
+    import torch
+
+    threads = torch.get_num_threads()  # the script sets the thread count: keep this process's
+    scaling = tmp_path / "scaling.csv"
+    scaling.write_text(
+        "config,length,status,time_s,threads\n"
+        f"led,256,ok,6.0,{threads}\nled,256,ok,99.0,{threads + 1}\n"
+        f"led,512,error,,{threads}\ns4d,256,ok,1.0,{threads}\n"
+    )
+    argv = ["--lengths", "256", "512", "--repeats", "1", "--threads", str(threads), "--scaling-csv", str(scaling)]
+    for scan_floor in import_benchmark("scan_floor"):
+        paths = scan_floor.main([*argv, "--out", str(tmp_path)])
+    assert [path.name for path in paths] == ["scan_floor.csv", "scan_floor.md", "scan_floor.png"]
+    with paths[0].open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["length"]) for row in rows] == [256, 512]
+    for row in rows:
+        pass_s, forward, backward = (float(row[key]) for key in ("pass_s", "scan_forward_s", "scan_backward_s"))
+        assert pass_s > 0 and forward > 0 and backward > 0
+        assert float(row["forward_passes"]) == pytest.approx(forward / pass_s)
+        assert float(row["backward_passes"]) == pytest.approx(backward / pass_s)
+    assert int(rows[0]["state_mib"]) == round(2 * 16 * 512 * 256 * 4 / 2**20)  # (2, d_state, d_inner, L) float32
+    assert float(rows[0]["layer_budget_s"]) == pytest.approx(6.0 / 3 / 4)
+    assert rows[1]["layer_budget_s"] == ""  # LED failed at 512
+    assert "(no LED time given)" in paths[1].read_text()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scrolls_ssm.modeling import ops
+from scrolls_ssm.modeling import ops, ops_selective_scan
 from scrolls_ssm.modeling.ops_selective_scan import selective_scan
 from scrolls_ssm.modeling.ops_ssd import ssd_scan
 
@@ -120,6 +120,32 @@ def test_selective_scan_gradients_match_recurrence(kind):
     expected_grads = torch.autograd.grad((expected * weight).sum() + expected_state.sum(), list(inputs.values()))
     for name, grad, expected_grad in zip(inputs, grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-8, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("kind", ["constant", "variable", "grouped"])
+@pytest.mark.parametrize("channels_per_slice", [1, 4])
+def test_selective_scan_over_channel_slices_equals_one_pass(kind, channels_per_slice, monkeypatch):
+    """Above `STATE_SLICE_ELEMENTS` state values the scan runs over slices of channels (grouped B / C: whole groups
+    of 2 channels, so 4 per slice -> 4 + 2); outputs, last state and every gradient equal the one-pass scan's."""
+    inputs = {k: v.requires_grad_() for k, v in _scan_inputs(kind, length=23).items()}
+    weight = torch.randn(2, 6, 23, generator=_seeded(3), dtype=torch.float64)
+
+    def run():
+        out, state = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+        grads = torch.autograd.grad((out * weight).sum() + state.sum(), list(inputs.values()))
+        return out, state, grads
+
+    whole = run()
+    batch, n, length = 2, 4, 23
+    monkeypatch.setattr(ops_selective_scan, "STATE_SLICE_ELEMENTS", channels_per_slice * batch * n * length)
+    slices = ops_selective_scan._channel_slices(inputs["u"].shape, n, inputs["B"])
+    width = max(channels_per_slice, 2) if kind == "grouped" else channels_per_slice
+    assert [part.stop - part.start for part in slices] == [width] * (6 // width) + ([6 % width] if 6 % width else [])
+    sliced = run()
+    torch.testing.assert_close(sliced[0], whole[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sliced[1], whole[1], rtol=1e-12, atol=1e-12)
+    for name, got, want in zip(inputs, sliced[2], whole[2], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
 
 
 def test_selective_scan_long_sequence_is_stable():

@@ -17,7 +17,12 @@ levels, so only about 2 * sqrt(L) Python steps run and each one works on a large
 The backward is written by hand (`_SelectiveScanCore`): it recomputes the states and runs the adjoint recurrence
 backwards with the same two levels. Between forward and backward a layer then holds only (batch, d, L)-sized
 inputs, not the (batch, d, n, L) states autograd would save (a bidirectional Mamba mixer at d_model 256, L = 16K:
-3.7 GB peak instead of 8 GB), and every loop stays linear in L.
+3.7 GB peak instead of 8 GB), and every loop stays linear in L. Inside one call, forward and backward still hold a
+few state-sized tensors at once; above `STATE_SLICE_ELEMENTS` the scan runs over slices of channels (independent in
+the scan), so that only one slice's are alive at a time.
+
+On a CPU the scan is bound by memory traffic over its states: about 10 passes over them forward and 24 backward
+(`benchmarks/scan_floor.py`, docs/benchmarks.md). Fewer needs a kernel that keeps the state in cache.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def selective_scan(
     The math runs in float32 (or float64) whatever the input dtype or autocast says.
     """
     _check_arguments(u, delta, A, B, C, D, z, delta_bias)
+    d = u.shape[1]
     out_dtype = u.dtype
     compute = torch.promote_types(u.dtype, torch.float32)
     with torch.autocast(device_type=u.device.type, enabled=False):
@@ -56,13 +62,47 @@ def selective_scan(
             delta = delta + delta_bias.to(compute)[:, None]
         if delta_softplus:
             delta = F.softplus(delta)
-        out, last_state = _SelectiveScanCore.apply(delta, delta * u, A, B.to(compute), C.to(compute))
+        drive, B, C = delta * u, B.to(compute), C.to(compute)
+        pieces = [
+            _SelectiveScanCore.apply(
+                delta[:, part], drive[:, part], A[part], _channels(B, part, d), _channels(C, part, d)
+            )
+            for part in _channel_slices(u.shape, A.shape[1], B)
+        ]
+        out, last_state = (torch.cat(tensors, dim=1) for tensors in zip(*pieces, strict=True))
         if D is not None:
             out = out + D.to(compute)[:, None] * u
         if z is not None:
             out = out * F.silu(z.to(compute))
     out = out.to(out_dtype)
     return (out, last_state) if return_last_state else out
+
+
+# One call of the scan's core holds a few (batch, d, n, L) tensors at once (the states, their decays, the adjoint):
+# 1 GiB each for a bidirectional Mamba layer at d_model 256 and 16K tokens. Channels are independent in the scan, so
+# above this many state elements the core runs over slices of channels, one slice's states alive at a time: the same
+# work in the same number of passes over memory, with a fraction of the peak. 2**26 float32 values: 256 MiB.
+STATE_SLICE_ELEMENTS = 2**26
+
+
+def _channel_slices(shape: torch.Size, n: int, B: torch.Tensor) -> list[slice]:
+    """Slices of the d channels of u's `shape` (batch, d, L) whose states hold at most `STATE_SLICE_ELEMENTS` values
+    each (at least one channel, or one group of channels where B and C are grouped: slices keep groups whole)."""
+    batch, d, length = shape
+    unit = d // B.shape[1] if B.dim() == 4 else 1
+    width = max(unit, STATE_SLICE_ELEMENTS // (batch * n * length) // unit * unit)
+    return [slice(start, min(start + width, d)) for start in range(0, d, width)]
+
+
+def _channels(matrix: torch.Tensor, part: slice, d: int) -> torch.Tensor:
+    """B or C for the channels `part` of d: a constant (d, n) matrix is sliced, a variable (batch, n, L) one is
+    shared by every channel, a grouped (batch, groups, n, L) one gives the groups of those channels."""
+    if matrix.dim() == 2:
+        return matrix[part]
+    if matrix.dim() == 3:
+        return matrix
+    per_group = d // matrix.shape[1]
+    return matrix[:, part.start // per_group : -(-part.stop // per_group)]
 
 
 class _Chunking:

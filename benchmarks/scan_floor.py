@@ -1,0 +1,187 @@
+"""What stops Mamba-1 on a CPU: its selective scan against the memory-bandwidth floor of the state it works on.
+
+    python benchmarks/scan_floor.py --lengths 4096 16384 --threads 1
+
+One bidirectional Mamba layer of encoder_scaling.py's `small` encoder (d_model 256, so d_inner 512, d_state 16, both
+directions stacked as a batch of 2) works on a (2, d_state, d_inner, L) float32 state: 1 GiB at 16K tokens, 16 times
+the size of the layer's input. This script times, at each length:
+
+- one elementwise pass over that state (`c = a * b`: two tensors read, one written), the unit of the floor;
+- the selective scan's forward and backward (`ops_selective_scan.selective_scan`, the layer's shapes), and each as a
+  number of such passes.
+
+A scan that keeps its state out of memory (a fused kernel, as mamba-ssm's on CUDA) reads and writes only the
+(2, d_inner, L) inputs and outputs, 16 times less. With `--scaling-csv`, the report also sets the scan against the
+budget of the 3x-LED target: LED's step time at the same length (from an encoder_scaling.py CSV run with the same
+thread count) / 3 / the number of layers, per layer, for everything the layer does. Writes CSV, markdown and PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from scrolls_ssm.modeling.ops_selective_scan import selective_scan
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results" / "scan_floor"
+D_MODEL, LAYERS, D_STATE, EXPAND = 256, 4, 16, 2  # the `small` encoder of encoder_scaling.py, Mamba-1's defaults
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def one_pass_time(shape: tuple[int, ...], repeats: int) -> float:
+    """Seconds for c = a * b over float32 tensors of `shape` (freed on return)."""
+    a, b, c = torch.rand(shape), torch.rand(shape), torch.empty(shape)
+    return best_time(lambda: torch.mul(a, b, out=c), repeats)
+
+
+def measure(length: int, repeats: int) -> dict:
+    """Times of one pass over the state and of the scan's forward and backward at `length`."""
+    batch, d_inner = 2, EXPAND * D_MODEL
+    state = (batch, D_STATE, d_inner, length)
+    pass_s = one_pass_time(state, repeats)
+
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).requires_grad_()
+
+    u, z = leaf(batch, d_inner, length), leaf(batch, d_inner, length)
+    delta = (torch.rand(batch, d_inner, length, generator=generator) * 0.1).requires_grad_()
+    A = (-torch.rand(d_inner, D_STATE, generator=generator)).requires_grad_()
+    B, C, D = leaf(batch, D_STATE, length), leaf(batch, D_STATE, length), leaf(d_inner)
+    inputs = (u, delta, A, B, C, D, z)
+    forward_s = best_time(lambda: selective_scan(*inputs), repeats)
+
+    def backward() -> float:
+        out = selective_scan(*inputs)
+        started = time.perf_counter()
+        out.sum().backward()
+        return time.perf_counter() - started
+
+    backward()  # warm-up
+    backward_s = min(backward() for _ in range(repeats))
+    return {
+        "length": length,
+        "state_mib": round(batch * D_STATE * d_inner * length * 4 / 2**20),
+        "pass_s": pass_s,
+        "scan_forward_s": forward_s,
+        "scan_backward_s": backward_s,
+        "forward_passes": forward_s / pass_s,
+        "backward_passes": backward_s / pass_s,
+    }
+
+
+def led_times(path: Path, threads: int) -> dict[int, float]:
+    """LED's forward + backward time per length from an encoder_scaling.py CSV run with `threads` threads."""
+    with path.open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row["config"] == "led" and row["status"] == "ok"]
+    return {int(row["length"]): float(row["time_s"]) for row in rows if int(row["threads"]) == threads}
+
+
+def report(rows: list[dict], command: str, threads: int, led: dict[int, float], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path, png_path = out / "scan_floor.csv", out / "scan_floor.md", out / "scan_floor.png"
+    for row in rows:
+        budget = led.get(row["length"])
+        row["layer_budget_s"] = budget / 3 / LAYERS if budget else ""
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        "# Mamba-1's selective scan against the memory-bandwidth floor",
+        "",
+        f"One bidirectional Mamba layer of the `small` encoder (d_inner {EXPAND * D_MODEL}, d_state {D_STATE}, 2 "
+        f"directions), float32, {threads} torch thread(s), torch {torch.__version__}, {platform.machine()}. "
+        f"Generated by `{command}`. A pass: one elementwise product over the (2, {D_STATE}, {EXPAND * D_MODEL}, L) "
+        "state, two tensors read and one written.",
+        "",
+        "| length | state | one pass (s) | scan forward (s) | = passes | scan backward (s) | = passes | "
+        "3x-LED budget per layer, whole layer (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        budget = f"{row['layer_budget_s']:.2f}" if row["layer_budget_s"] != "" else "(no LED time given)"
+        lines.append(
+            f"| {row['length']:,} | {row['state_mib']:,} MiB | {row['pass_s']:.3f} | {row['scan_forward_s']:.2f} | "
+            f"{row['forward_passes']:.0f} | {row['scan_backward_s']:.2f} | {row['backward_passes']:.0f} | {budget} |"
+        )
+    md_path.write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    labels = [f"{row['length'] // 1024}K" for row in rows]
+    positions = range(len(rows))
+    axis.bar(positions, [row["scan_forward_s"] for row in rows], width=0.6, label="scan forward")
+    axis.bar(
+        positions,
+        [row["scan_backward_s"] for row in rows],
+        width=0.6,
+        bottom=[row["scan_forward_s"] for row in rows],
+        label="scan backward",
+    )
+    axis.scatter(positions, [10 * row["pass_s"] for row in rows], color="black", zorder=3, label="10 passes")
+    budgets = [(i, row["layer_budget_s"]) for i, row in enumerate(rows) if row["layer_budget_s"] != ""]
+    if budgets:
+        axis.scatter(
+            *zip(*budgets, strict=True), marker="_", s=900, color="red", zorder=3, label="3x-LED layer budget"
+        )
+    axis.set_xticks(list(positions), labels)
+    axis.set_ylabel("seconds per layer")
+    axis.set_title(f"Mamba-1 scan, one bidirectional layer, {threads} thread(s)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
+    return [csv_path, md_path, png_path]
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 16384], help="sequence lengths in tokens")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (encoder_scaling.py's main sweep: 1)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs after a warm-up; the fastest is kept")
+    parser.add_argument(
+        "--scaling-csv", type=Path, help="an encoder_scaling.py CSV with LED at these lengths and thread count"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    led = led_times(args.scaling_csv, args.threads) if args.scaling_csv else {}
+    rows = []
+    for length in args.lengths:
+        rows.append(measure(length, args.repeats))
+        row = rows[-1]
+        print(
+            f"L={length}: pass {row['pass_s']:.3f} s, scan forward {row['scan_forward_s']:.2f} s "
+            f"({row['forward_passes']:.0f} passes), backward {row['scan_backward_s']:.2f} s "
+            f"({row['backward_passes']:.0f} passes)",
+            flush=True,
+        )
+    command = "python benchmarks/scan_floor.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    paths = report(rows, command.strip(), args.threads, led, args.out)
+    print("wrote " + ", ".join(str(path) for path in paths))
+    return paths
+
+
+if __name__ == "__main__":
+    main()
