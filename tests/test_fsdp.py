@@ -4,11 +4,6 @@ code on a sharded model gives the weights and predictions of the unsharded model
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +14,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from scrolls_ssm import ScrollsSSMForConditionalGeneration
 from tests.conftest import tiny_config
 from tests.fsdp_worker import evaluate_and_save
-from tests.training_fixtures import write_task_data, write_tiny_bart
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.training_fixtures import torchrun_two_processes, write_task_data, write_tiny_bart
 
 
 def test_fsdp2_sharded_model_saves_full_weights_and_predicts_like_one_process(tmp_path):
@@ -39,19 +32,7 @@ def test_fsdp2_sharded_model_saves_full_weights_and_predicts_like_one_process(tm
     tokenizer.save_pretrained(model_dir)
 
     sharded = tmp_path / "sharded"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(REPO / "tests" / "fsdp_worker.py"), str(model_dir), str(data), str(sharded)]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
-        output, _ = process.communicate()
-        pytest.fail(f"the two FSDP processes hung (mismatched collectives): {output[-3000:]}")
-    assert process.returncode == 0, output[-4000:]
+    torchrun_two_processes("fsdp_worker.py", [str(model_dir), str(data), str(sharded)], 180, "FSDP")
     got = json.loads((sharded / "result.json").read_text())
 
     single = evaluate_and_save(

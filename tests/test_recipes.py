@@ -163,6 +163,7 @@ OUT_OF_RANGE = [
     ("transfer.distill_steps=-5", "transfer.distill_steps=-5 is out of range: it must be >= 0."),
     ("transfer.distill_learning_rate=-1", "transfer.distill_learning_rate=-1.0 is out of range: it must be > 0."),
     ("transfer.checkpoint_every_steps=0", "transfer.checkpoint_every_steps=0 is out of range: it must be >= 1."),
+    ("transfer.batches_per_step=0", "transfer.batches_per_step=0 is out of range: it must be >= 1."),
 ]
 
 
@@ -179,7 +180,7 @@ def _numeric_keys() -> set[str]:
 
 
 def test_every_numeric_key_is_range_checked():
-    assert len(_numeric_keys()) == 38
+    assert len(_numeric_keys()) == 39
     assert set(RANGES) == _numeric_keys()
     assert {override.split("=")[0] for override, _ in OUT_OF_RANGE} == set(RANGES)
 

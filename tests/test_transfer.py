@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, BartForConditionalGeneration
@@ -21,7 +15,7 @@ from scrolls_ssm.transfer import (
     text_batches,
     transfer_attention,
 )
-from tests.training_fixtures import write_tiny_bart
+from tests.training_fixtures import torchrun_two_processes, write_tiny_bart
 from tests.transfer_fixtures import STEPS, documents, transfer_setup
 
 
@@ -298,27 +292,12 @@ def test_weight_reuse_maps_v_k_q_o_into_mamba_and_ends_closer_after_transfer(bas
     assert mixer.out_proj.weight[:, d_model:].abs().sum() == 0
 
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def test_two_processes_share_each_step_and_end_as_one_process_averaging_their_batches(base, tmp_path):
     """`transfer_attention` under plain torch.distributed (torchrun, gloo): with one batch per process per step (the
     default) or 3 batches dealt out unevenly over 2 processes, both processes end with the same mixer, equal to what
     one process computes averaging the same batches per step, and log the same losses. Each process starts from a
     mixer of its own: the stage starts all from the first one's."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(REPO / "tests" / "transfer_worker.py"), str(base), str(tmp_path), "default", "3"]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
-        output, _ = process.communicate()
-        pytest.fail(f"the two transfer processes hung (mismatched collectives): {output[-3000:]}")
-    assert process.returncode == 0, output[-4000:]
+    torchrun_two_processes("transfer_worker.py", [str(base), str(tmp_path), "default", "3"], 300, "transfer")
 
     for setting, per_step in (("default", 2), ("3", 3)):
         ranks = [torch.load(tmp_path / setting / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]

@@ -109,6 +109,31 @@ def overrides(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def torchrun_two_processes(script: str, args: list[str], timeout: int, what: str) -> str:
+    """`torchrun --standalone --nproc_per_node 2 tests/SCRIPT ARGS` on CPU (gloo, one thread each); returns its output.
+    Fails the test with the output's tail when it exits non-zero, or when it hangs past `timeout` seconds (both
+    processes killed: mismatched collectives)."""
+    import signal
+
+    import pytest
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(repo / "tests" / script), *args]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
+        output, _ = process.communicate()
+        pytest.fail(f"the two {what} processes hung (mismatched collectives): {output[-3000:]}")
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
 def launch_two_processes(argv: list[str]) -> subprocess.CompletedProcess:
     """`accelerate launch` of run_finetune.py ARGV with 2 CPU processes on this machine; returns the finished run."""
     repo = Path(__file__).resolve().parents[1]
