@@ -435,8 +435,11 @@ def _optimize(
     per_step = world if batches_per_step is None else batches_per_step
     if steps < 1:
         raise ValueError(f"steps={steps}: at least one optimizer step is needed.")
-    if per_step < 1:
-        raise ValueError(f"batches_per_step={batches_per_step}: at least one batch per step is needed.")
+    if per_step < world:
+        raise ValueError(
+            f"batches_per_step={batches_per_step}: each of the {world} processes needs at least one batch per step. "
+            f"Fix: batches_per_step >= {world}, or leave it unset (one per process)."
+        )
     if not batches:
         raise ValueError("at least one batch of documents is needed.")
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
@@ -489,7 +492,7 @@ def _process_group() -> tuple[int, int]:
 def _sum_over_processes(
     parameters: list[nn.Parameter], totals: dict[str, float], device: torch.device
 ) -> dict[str, float]:
-    """Sum the gradients (a process whose share of the step was empty adds zeros) and the logged values over every
+    """Sum the gradients (a parameter that got none in this process adds zeros) and the logged values over every
     process; the values come back in the same order of names on every process."""
     for param in parameters:
         if param.grad is None:

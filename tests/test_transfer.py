@@ -329,3 +329,9 @@ def test_a_stage_checkpoint_resumes_only_with_the_batches_per_step_it_was_writte
         transfer_attention(student, teacher, batches, 4, progress=False, checkpoint=checkpoint, batches_per_step=2)
     log = transfer_attention(student, teacher, batches, 4, progress=False, checkpoint=checkpoint, batches_per_step=1)
     assert [row["step"] for row in log] == [1, 2, 3, 4]
+
+
+def test_batches_per_step_below_the_process_count_is_refused(base):
+    student, teacher, batches = transfer_setup(base)
+    with pytest.raises(ValueError, match=r"batches_per_step=0: each of the 1 processes .* Fix: batches_per_step >= 1"):
+        transfer_attention(student, teacher, batches, 2, progress=False, batches_per_step=0)
