@@ -57,8 +57,8 @@ def measure(length: int, repeats: int) -> dict:
 
     generator = torch.Generator().manual_seed(0)
 
-    def leaf(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator) * scale).requires_grad_()
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).requires_grad_()
 
     u, z = leaf(batch, d_inner, length), leaf(batch, d_inner, length)
     delta = (torch.rand(batch, d_inner, length, generator=generator) * 0.1).requires_grad_()
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     led = led_times(args.scaling_csv, args.threads) if args.scaling_csv else {}
     rows = []
     for length in args.lengths:
-        rows.append(measure(length, args.repeats))
-        row = rows[-1]
+        row = measure(length, args.repeats)
+        rows.append(row)
         print(
             f"L={length}: pass {row['pass_s']:.3f} s, scan forward {row['scan_forward_s']:.2f} s "
             f"({row['forward_passes']:.0f} passes), backward {row['scan_backward_s']:.2f} s "

@@ -471,8 +471,7 @@ def _optimize(
             nn.utils.clip_grad_norm_(parameters, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        log.append({"step": step, **{name: value for name, value in totals.items() if name != "loss"}})
-        log[-1]["loss"] = totals["loss"]
+        log.append({"step": step, **totals})  # "loss" comes last either way ("layer_<i>" sorts before it)
         progress.update(1)
         if path is not None and (step == steps or (checkpoint_every_steps and step % checkpoint_every_steps == 0)):
             if rank == 0:
