@@ -55,7 +55,20 @@ def write_markdown(rows: list[dict], path: Path, meta: dict) -> None:
             values = [f"{sum(cells[n]) / len(cells[n]):.1f}" if cells.get(n) else "-" for n in lengths]
             lines.append(f"| {contender} | " + " | ".join(values) + f" | {status.get('seconds', '')} |")
         lines.append("")
+    trained = contender_seconds(rows)
+    total = sum(trained.values())
+    lines += [f"Train + eval time of the {len(trained)} contenders in all: {total:,.0f} s ({total / 60:.0f} min).", ""]
     path.write_text("\n".join(lines))
+
+
+def contender_seconds(rows: list[dict]) -> dict[str, float]:
+    """Each trained contender's train + eval seconds. A companion row set (`s4d (first 1024)`: the same model, cut)
+    carries its contender's time and is not counted twice."""
+    return {
+        row["contender"]: float(row["seconds"])
+        for row in rows
+        if row.get("seconds") not in (None, "") and " (first " not in row["contender"]
+    }
 
 
 def write_heatmaps(rows: list[dict], out: Path, stem: str) -> list[Path]:

@@ -40,6 +40,10 @@ def test_quick_sweep_scores_every_cell_and_resumes(long_range_probe, tmp_path, c
     }  # fmt: skip
     report = csv_path.with_suffix(".md").read_text()
     assert "## variable_tracking (naive baseline" in report and "| s4d |" in report
+    # The total counts each trained model once: "s4d (first 384)" is the s4d model again, not a third run.
+    seconds = {row["contender"]: float(row["seconds"]) for row in rows if row["contender"] in ("s4d", "truncated")}
+    total = seconds["s4d"] + seconds["truncated"]
+    assert f"Train + eval time of the 2 contenders in all: {total:,.0f} s ({total / 60:.0f} min)." in report
     for task in ("single_needle", "aggregation"):
         assert (tmp_path / f"long_range_probe_quick_{task}.png").stat().st_size > 0
 
@@ -66,6 +70,11 @@ def test_command_line_narrows_the_setup(long_range_probe):
     setup = long_range_probe.setup_from_args(args)
     assert (setup.tasks, setup.eval_lengths, setup.steps) == (("single_needle",), (1024, 4096), 7)
     assert setup.d_model == long_range_probe.Setup().d_model
+    # Without --tasks: the single needle (the task every contender can learn in the default budget); --quick runs all.
+    defaults = long_range_probe.setup_from_args(long_range_probe.parse_args([]))
+    assert defaults.tasks == ("single_needle",) and long_range_probe.QUICK.tasks == long_range_probe.PROBE_TASKS
+    args = long_range_probe.parse_args(["--tasks", "multi_key_needle", "aggregation"])
+    assert long_range_probe.setup_from_args(args).tasks == ("multi_key_needle", "aggregation")
     with pytest.raises(SystemExit):
         long_range_probe.parse_args(["--tasks", "needle"])
 
@@ -112,7 +121,8 @@ def test_t5_family_contenders_are_t5_models_with_longt5_as_the_peer(long_range_p
     # T5's full attention (a materialized relative bias) runs only when asked for by name.
     defaults = long_range_probe.DEFAULT_CONTENDERS
     assert "attention" in long_range_probe.FAMILIES["t5"] and "attention" not in defaults["t5"]
-    assert defaults["bart"] == long_range_probe.FAMILIES["bart"]
+    assert "attention" in long_range_probe.FAMILIES["bart"] and "attention" not in defaults["bart"]
+    assert set(long_range_probe.FAMILIES["bart"]) - set(defaults["bart"]) == {"attention"}
     with pytest.raises(SystemExit, match="led: not a contender of --family t5"):
         long_range_probe.main(["--quick", "--family", "t5", "--contenders", "led", "--out", str(tmp_path)])
 
