@@ -81,16 +81,9 @@ def write_heatmaps(rows: list[dict], out: Path, stem: str) -> list[Path]:
     ok = [row for row in rows if row["status"] == "ok" and row["contender"] != "naive"]
     paths = []
     for task in dict.fromkeys(row["task"] for row in ok):
-        task_rows = [row for row in ok if row["task"] == task]
-        contenders = list(dict.fromkeys(row["contender"] for row in task_rows))
-        lengths = sorted({int(row["length"]) for row in task_rows})
-        depths = sorted({row["depth"] for row in task_rows}, key=lambda d: -1 if d == "all" else int(d))
-        figure, axes = plt.subplots(1, len(contenders), figsize=(2.2 * len(contenders) + 1, 2.8), squeeze=False)
-        for axis, contender in zip(axes[0], contenders, strict=True):
-            grid = [[float("nan")] * len(lengths) for _ in depths]
-            for row in task_rows:
-                if row["contender"] == contender:
-                    grid[depths.index(row["depth"])][lengths.index(int(row["length"]))] = float(row["exact_match"])
+        lengths, depths, grids = heatmap_grids(ok, task)
+        figure, axes = plt.subplots(1, len(grids), figsize=(2.2 * len(grids) + 1, 2.8), squeeze=False)
+        for axis, (contender, grid) in zip(axes[0], grids.items(), strict=True):
             image = axis.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto", origin="upper")
             axis.set_title(contender, fontsize=9)
             axis.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
@@ -105,6 +98,20 @@ def write_heatmaps(rows: list[dict], out: Path, stem: str) -> list[Path]:
         plt.close(figure)
         paths.append(path)
     return paths
+
+
+def heatmap_grids(rows: list[dict], task: str) -> tuple[list[int], list[str], dict[str, list[list[float]]]]:
+    """A task's input lengths, needle depths and, per contender, exact match over (depth, length) (NaN where not
+    measured). Rows kept from an earlier CSV (--resume) hold their numbers as text, fresh rows as numbers: both read
+    the same here."""
+    task_rows = [row for row in rows if row["task"] == task]
+    lengths = sorted({int(row["length"]) for row in task_rows})
+    depths = sorted({str(row["depth"]) for row in task_rows}, key=lambda d: -1 if d == "all" else int(d))
+    grids: dict[str, list[list[float]]] = {}
+    for row in task_rows:
+        grid = grids.setdefault(row["contender"], [[float("nan")] * len(lengths) for _ in depths])
+        grid[depths.index(str(row["depth"]))][lengths.index(int(row["length"]))] = float(row["exact_match"])
+    return lengths, depths, grids
 
 
 def write_outputs(rows: list[dict], out: Path, stem: str, meta: dict, plot: bool) -> list[Path]:

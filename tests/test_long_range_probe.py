@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 
 import pytest
@@ -73,6 +74,8 @@ def test_command_line_narrows_the_setup(long_range_probe):
     # Without --tasks: the single needle (the task every contender can learn in the default budget); --quick runs all.
     defaults = long_range_probe.setup_from_args(long_range_probe.parse_args([]))
     assert defaults.tasks == ("single_needle",) and long_range_probe.QUICK.tasks == long_range_probe.PROBE_TASKS
+    seeded = long_range_probe.setup_from_args(long_range_probe.parse_args(["--seed", "2"]))
+    assert defaults.seed == 0 and seeded.seed == 2
     args = long_range_probe.parse_args(["--tasks", "multi_key_needle", "aggregation"])
     assert long_range_probe.setup_from_args(args).tasks == ("multi_key_needle", "aggregation")
     with pytest.raises(SystemExit):
@@ -121,8 +124,7 @@ def test_t5_family_contenders_are_t5_models_with_longt5_as_the_peer(long_range_p
     # T5's full attention (a materialized relative bias) runs only when asked for by name.
     defaults = long_range_probe.DEFAULT_CONTENDERS
     assert "attention" in long_range_probe.FAMILIES["t5"] and "attention" not in defaults["t5"]
-    assert "attention" in long_range_probe.FAMILIES["bart"] and "attention" not in defaults["bart"]
-    assert set(long_range_probe.FAMILIES["bart"]) - set(defaults["bart"]) == {"attention"}
+    assert defaults["bart"] == long_range_probe.FAMILIES["bart"]
     with pytest.raises(SystemExit, match="led: not a contender of --family t5"):
         long_range_probe.main(["--quick", "--family", "t5", "--contenders", "led", "--out", str(tmp_path)])
 
@@ -160,3 +162,20 @@ def test_a_quick_t5_family_sweep_trains_and_scores_longt5_and_s4d(long_range_pro
     config = json.loads((tmp_path / "runs_t5" / "s4d" / "model" / "config.json").read_text())
     assert config["model_type"] == "scrolls_ssm_t5" and config["encoder_layer_types"] == ["s4d", "s4d"]
     assert "T5Tokenizer" in (tmp_path / "tokenizer_t5" / "tokenizer_config.json").read_text()
+
+
+def test_heatmap_cells_of_resumed_and_fresh_rows_line_up(long_range_probe):
+    """--resume mixes rows read back from the CSV (numbers as text) with fresh ones (numbers): one depth axis."""
+    import math
+
+    report = importlib.import_module("probe_report")
+    kept = {"task": "single_needle", "status": "ok", "contender": "s4d"}
+    rows = [{**kept, "length": "1024", "depth": "0", "exact_match": "100.0"}]
+    rows += [{**kept, "length": "4096", "depth": "50", "exact_match": "25.0"}]
+    rows += [{**kept, "contender": "led", "length": 1024, "depth": 0, "exact_match": 75.0}]
+    rows += [{**kept, "contender": "led", "length": 4096, "depth": 50, "exact_match": 0.0}]
+    lengths, depths, grids = report.heatmap_grids(rows, "single_needle")
+    assert (lengths, depths, list(grids)) == ([1024, 4096], ["0", "50"], ["s4d", "led"])
+    assert grids["s4d"][0][0] == 100.0 and grids["s4d"][1][1] == 25.0
+    assert grids["led"][0][0] == 75.0 and grids["led"][1][1] == 0.0
+    assert math.isnan(grids["s4d"][0][1]) and math.isnan(grids["led"][1][0])
