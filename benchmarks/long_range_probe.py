@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from probe_report import write_outputs
+from probe_report import first_tokens_name, write_outputs
 
 from scrolls_ssm.probe import PROBE_TASKS
 
@@ -234,7 +234,7 @@ def reads_first(contender: str, setup: Setup) -> str | None:
     tokens of every input (the same model, cut as the SCROLLS BART baseline is cut), or None. Needles past that
     token are out of its reach: this shows what the whole input is worth to a model that learned the task."""
     if contender in STATE_SPACE and setup.truncate < max(setup.eval_lengths):
-        return f"{contender} (first {setup.truncate})"
+        return first_tokens_name(contender, setup.truncate)
     return None
 
 

@@ -61,13 +61,22 @@ def write_markdown(rows: list[dict], path: Path, meta: dict) -> None:
     path.write_text("\n".join(lines))
 
 
+FIRST_TOKENS = " (first {tokens})"  # ends the name of a contender's own model scored on its inputs' first tokens
+
+
+def first_tokens_name(contender: str, tokens: int) -> str:
+    """The name of the rows that score `contender`'s model reading only the first `tokens` tokens of every input."""
+    return contender + FIRST_TOKENS.format(tokens=tokens)
+
+
 def contender_seconds(rows: list[dict]) -> dict[str, float]:
-    """Each trained contender's train + eval seconds. A companion row set (`s4d (first 1024)`: the same model, cut)
-    carries its contender's time and is not counted twice."""
+    """Each trained contender's train + eval seconds. The rows of a model reading only its inputs' first tokens
+    (`first_tokens_name`) carry their contender's time and are not counted twice."""
+    marker = FIRST_TOKENS.split("{")[0]
     return {
         row["contender"]: float(row["seconds"])
         for row in rows
-        if row.get("seconds") not in (None, "") and " (first " not in row["contender"]
+        if row.get("seconds") not in (None, "") and marker not in row["contender"]
     }
 
 
