@@ -151,6 +151,11 @@ def _run(cfg: RunConfig, accelerator: Accelerator, out: Path, resume_candidates:
         kill_point("outputs-writing", state.global_step)
         write_outputs(out, cfg, results, state.evaluations, raw_train, {s.task: s.references for s in eval_sets})
     accelerator.wait_for_everyone()
+    # The DDP wrapper's reducer holds a reference to the process group. Freed after end_training has destroyed the
+    # group, it would hold the last one, and gloo's destructor, run with the GIL held, waits for a worker thread that
+    # waits for the GIL: a two-process run hung at exit now and then. Free it while the group is still registered.
+    del model
+    accelerator.free_memory()
     accelerator.end_training()
     return results
 

@@ -217,7 +217,9 @@ def test_non_finite_loss_skips_the_step_and_counts_it(setup, tmp_path, monkeypat
 def test_two_processes_train_and_gather_every_id_once(setup, tmp_path):
     base, data, _ = setup
     out = tmp_path / "ddp"
-    result = launch_two_processes(overrides(base, data, out, "train.num_epochs=1", "eval.generate_every_epochs=1"))
+    # The worker is run_finetune.py that also fails if the DDP model outlives the process group (an exit hang).
+    argv = overrides(base, data, out, "train.num_epochs=1", "eval.generate_every_epochs=1")
+    result = launch_two_processes(argv, script="tests/ddp_run_worker.py")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     predictions = json.loads((out / "predictions" / "validation" / "contract_nli.json").read_text())
     assert sorted(predictions) == sorted(f"validation-{i}" for i in range(9))  # 9 rows over 2 processes: uneven

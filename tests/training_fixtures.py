@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import BartConfig, BartForConditionalGeneration
 
@@ -109,41 +111,46 @@ def overrides(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def torchrun_two_processes(script: str, args: list[str], timeout: int, what: str) -> str:
-    """`torchrun --standalone --nproc_per_node 2 tests/SCRIPT ARGS` on CPU (gloo, one thread each); returns its output.
-    Fails the test with the output's tail when it exits non-zero, or when it hangs past `timeout` seconds (both
-    processes killed: mismatched collectives)."""
-    import signal
-
-    import pytest
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(repo / "tests" / script), *args]
+def _run_process_group(command: list[str], env: dict, timeout: int, hung: str) -> tuple[int, str]:
+    """Run COMMAND in a session of its own; `(returncode, stdout + stderr)`. Past `timeout` seconds the launcher and
+    every worker are killed (a hung worker would otherwise outlive the test run) and the test fails with `hung`."""
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
+        os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"the two {what} processes hung (mismatched collectives): {output[-3000:]}")
-    assert process.returncode == 0, output[-4000:]
+        pytest.fail(f"{hung} (killed after {timeout} s): {output[-3000:]}")
+    return process.returncode, output
+
+
+def torchrun_two_processes(script: str, args: list[str], timeout: int, what: str) -> str:
+    """`torchrun --standalone --nproc_per_node 2 tests/SCRIPT ARGS` on CPU (gloo, one thread each); returns its output.
+    Fails the test with the output's tail when it exits non-zero, or when it hangs past `timeout` seconds."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(repo / "tests" / script), *args]
+    hung = f"the two {what} processes hung (mismatched collectives)"
+    returncode, output = _run_process_group(command, env, timeout, hung)
+    assert returncode == 0, output[-4000:]
     return output
 
 
-def launch_two_processes(argv: list[str]) -> subprocess.CompletedProcess:
-    """`accelerate launch` of run_finetune.py ARGV with 2 CPU processes on this machine; returns the finished run."""
+def launch_two_processes(argv: list[str], script: str = "run_finetune.py", timeout: int = 300):
+    """`accelerate launch` of SCRIPT (a path in the repository) ARGV with 2 CPU processes on this machine; returns the
+    finished run (stdout holds both streams). A run that hangs past `timeout` seconds fails the test."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(repo / "run_finetune.py"), *argv,
+        str(repo / script), *argv,
     ]  # fmt: skip
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    returncode, output = _run_process_group(command, env, timeout, f"the two-process run of {script} hung")
+    return subprocess.CompletedProcess(command, returncode, output, "")
 
 
 def run_train_command(argv: list[str], kill_at: str | None = None) -> None:
