@@ -139,7 +139,9 @@ def torchrun_two_processes(script: str, args: list[str], timeout: int, what: str
     return output
 
 
-def launch_two_processes(argv: list[str], script: str = "run_finetune.py", timeout: int = 300):
+def launch_two_processes(
+    argv: list[str], script: str = "run_finetune.py", timeout: int = 300
+) -> subprocess.CompletedProcess:
     """`accelerate launch` of SCRIPT (a path in the repository) ARGV with 2 CPU processes on this machine; returns the
     finished run (stdout holds both streams). A run that hangs past `timeout` seconds fails the test."""
     repo = Path(__file__).resolve().parents[1]
