@@ -111,6 +111,7 @@ def load_checkpoint(accelerator: Accelerator, candidates: list[Path], cfg: RunCo
         try:
             check_same_model(cfg, path)
             state = RunState(**json.loads((path / "run_state.json").read_text()))
+            check_random_states(path, accelerator.num_processes)
             accelerator.load_state(str(path))
         except RunConfigError:
             raise  # another model's checkpoint: not damage, and no reason to try an older one
@@ -132,6 +133,27 @@ def load_checkpoint(accelerator: Accelerator, candidates: list[Path], cfg: RunCo
                 shutil.rmtree(damaged, ignore_errors=True)
         return path, state
     raise AssertionError("load_checkpoint needs at least one candidate")
+
+
+# What accelerate's `load_state` needs from each process's `random_states_<rank>.pkl` to restore its RNGs.
+RANDOM_STATE_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
+
+
+def check_random_states(checkpoint: Path, num_processes: int) -> None:
+    """Raise (one of LOAD_ERRORS) unless every process's RNG file of `checkpoint` loads and holds the RNG states.
+
+    `Accelerator.load_state` catches any error while restoring the RNG states and only logs it at INFO level, so a
+    checkpoint with a missing or truncated `random_states_<rank>.pkl` would resume with the wrong random streams: the
+    run goes on, but no longer reproduces the uninterrupted one. Every process checks every rank's file, so all of
+    them agree on whether this checkpoint is damaged."""
+    from accelerate.utils import load
+
+    for rank in range(num_processes):
+        file = checkpoint / f"random_states_{rank}.pkl"
+        states = load(file)
+        missing = [key for key in RANDOM_STATE_KEYS if not isinstance(states, dict) or key not in states]
+        if missing:
+            raise KeyError(f"{file} lacks the random states {', '.join(missing)}")
 
 
 def check_same_model(cfg: RunConfig, checkpoint: Path) -> None:

@@ -359,18 +359,33 @@ def test_a_live_run_locks_its_folder_and_a_dead_runs_lock_is_taken_over(setup, t
     assert not lock.exists() and (out / "model" / "model.safetensors").is_file()
 
 
-def test_resume_falls_back_past_a_damaged_checkpoint_and_does_not_log_steps_twice(setup, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "damaged_file, damage, error",
+    [
+        ("model.safetensors", "truncate", "SafetensorError"),  # a save cut short by a full disk
+        # accelerate's load_state only logs a bad RNG file at INFO level and goes on with the wrong random streams:
+        # the checkpoint must count as damaged instead, or the resumed run silently stops reproducing the first one.
+        ("random_states_0.pkl", "truncate", "OSError"),
+        ("random_states_0.pkl", "delete", "FileNotFoundError"),
+    ],
+)
+def test_resume_falls_back_past_a_damaged_checkpoint_and_does_not_log_steps_twice(
+    setup, tmp_path, caplog, damaged_file, damage, error
+):
     base, data, _ = setup
     out = tmp_path / "run"
     settings = overrides(base, data, out, "train.max_steps=4", "train.checkpoint_every_steps=2", *FAST)
     train(load_run_config(None, settings))
     first = {name: (out / name).read_bytes() for name in ("model/model.safetensors", "metrics.json", "log.jsonl")}
     damaged = out / "checkpoints" / "step_00000004"
-    weights = damaged / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a save cut short by a full disk
+    file = damaged / damaged_file
+    if damage == "truncate":
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    else:
+        file.unlink()
 
     train(load_run_config(None, [*settings, "train.resume=auto"]))
-    assert f"checkpoint {damaged} could not be loaded (SafetensorError" in caplog.text
+    assert f"checkpoint {damaged} could not be loaded ({error}" in caplog.text
     assert "falling back to" in caplog.text and str(out / "checkpoints" / "step_00000002") in caplog.text
     for name, content in first.items():
         if name != "log.jsonl":
