@@ -32,7 +32,7 @@ from pathlib import Path
 
 from probe_report import first_tokens_name, write_outputs
 
-from scrolls_ssm.probe import PROBE_TASKS
+from scrolls_ssm.probe import PROBE_TASKS, TRAINING_TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "long_range"
@@ -46,6 +46,7 @@ class Setup:
     # not, and the nine BART-family contenders took 55 minutes on 2 CPU cores (docs/long_range.md). The other three
     # tasks were not learned by any layout in budgets many times larger (the pilots there): ask for them with --tasks.
     tasks: tuple[str, ...] = ("single_needle",)
+    training_tasks: tuple[str, ...] = ()  # training rows only (scrolls_ssm.probe.TRAINING_TASKS)
     d_model: int = 64
     encoder_layers: int = 4
     decoder_layers: int = 2  # one layer to read the question, one to find its fact
@@ -321,6 +322,7 @@ def prepare_data(setup: Setup, out: Path) -> tuple[Path, Path]:
         num_eval_per_cell=setup.eval_rows_per_cell,
         seed=setup.seed,
         count_tokens=count,
+        training_tasks=setup.training_tasks,
     )
     marker.write_text(settings)
     return data_dir, tokenizer_dir
@@ -441,6 +443,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tasks", nargs="+", choices=list(PROBE_TASKS), help="probe tasks (default: single_needle; any of the four)"
     )
+    parser.add_argument(
+        "--training-tasks",
+        nargs="+",
+        choices=list(TRAINING_TASKS),
+        help="extra training rows beside the probe tasks' own (multi_query_needle: every key of a multi-key needle "
+        "asked at once); scored on the probe tasks only",
+    )
     parser.add_argument("--lengths", nargs="+", type=int, help="evaluation lengths in tokens (default 1K 4K 16K)")
     parser.add_argument("--steps", type=int, help="optimizer steps per contender")
     parser.add_argument(
@@ -462,6 +471,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     """The default (or --quick) setup with the command line's tasks, evaluation lengths and steps."""
     changes = {
         "tasks": tuple(args.tasks) if args.tasks else None,
+        "training_tasks": tuple(args.training_tasks) if args.training_tasks else None,
         "eval_lengths": tuple(sorted(args.lengths)) if args.lengths else None,
         "steps": args.steps,
         "seed": args.seed,

@@ -38,6 +38,10 @@ from scrolls_ssm.submission import write_text_atomic
 from scrolls_ssm.synthetic import best_constant_prediction, filler_sentence
 
 PROBE_TASKS = ("single_needle", "multi_key_needle", "variable_tracking", "aggregation")
+# Not a probe of its own: the multi-key needle with every key asked, in a random order (the answer: their values in
+# that order), after the multi-query associative recall of Arora et al. 2023 ("Zoology"). Four matches to learn
+# from per example instead of one, as training rows beside the multi-key needle's.
+TRAINING_TASKS = ("multi_query_needle",)
 PROBE_SCROLLS_TASK = "quality"  # an exact-match SCROLLS task with the question first
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
 NO_DEPTH = "all"  # aggregation's facts are everywhere; its ids carry this instead of a depth
@@ -83,7 +87,8 @@ def _single_needle(rng: random.Random, depth: float) -> tuple[str, list[tuple[fl
     return f"What is the special magic number for the {key}?", [(depth, _needle(key, value))], value
 
 
-def _multi_key_needle(rng: random.Random, depth: float) -> tuple[str, list[tuple[float, str]], str]:
+def _keyed_facts(rng: random.Random, depth: float) -> tuple[list[str], list[str], list[tuple[float, str]]]:
+    """`NUM_KEYS` different keys, their values, and their needles: the first at `depth`, the others anywhere."""
     keys: list[str] = []
     while len(keys) < NUM_KEYS:
         key = _key(rng)
@@ -92,7 +97,19 @@ def _multi_key_needle(rng: random.Random, depth: float) -> tuple[str, list[tuple
     values = [_value(rng) for _ in keys]
     facts = [(depth, _needle(keys[0], values[0]))]
     facts += [(rng.random(), _needle(key, value)) for key, value in zip(keys[1:], values[1:], strict=True)]
+    return keys, values, facts
+
+
+def _multi_key_needle(rng: random.Random, depth: float) -> tuple[str, list[tuple[float, str]], str]:
+    keys, values, facts = _keyed_facts(rng, depth)
     return f"What is the special magic number for the {keys[0]}?", facts, values[0]
+
+
+def _multi_query_needle(rng: random.Random, depth: float) -> tuple[str, list[tuple[float, str]], str]:
+    keys, values, facts = _keyed_facts(rng, depth)
+    order = rng.sample(range(NUM_KEYS), NUM_KEYS)  # asked in an order of their own, not the document's
+    asked = ", the ".join(keys[i] for i in order[:-1]) + f" and the {keys[order[-1]]}"
+    return f"What are the special magic numbers for the {asked}?", facts, " ".join(values[i] for i in order)
 
 
 def _variable_name(rng: random.Random, taken: set[str]) -> str:
@@ -138,6 +155,7 @@ def _aggregation(rng: random.Random, depth: float | None) -> tuple[str, list[tup
 _BUILDERS = {
     "single_needle": _single_needle,
     "multi_key_needle": _multi_key_needle,
+    "multi_query_needle": _multi_query_needle,
     "variable_tracking": _variable_tracking,
     "aggregation": _aggregation,
 }
@@ -150,7 +168,7 @@ def probe_example(
     and less by at most one filler sentence) with its fact at `depth` percent of the document (None: aggregation, or
     a random depth)."""
     if task not in _BUILDERS:
-        raise ValueError(f"unknown probe task {task!r}; valid tasks: {', '.join(PROBE_TASKS)}.")
+        raise ValueError(f"unknown probe task {task!r}; valid tasks: {', '.join(PROBE_TASKS + TRAINING_TASKS)}.")
     if depth is not None and not 0 <= depth <= 100:
         raise ValueError(f"depth={depth} must be a percentage in [0, 100].")
     fraction = rng.random() if depth is None else depth / 100
@@ -232,14 +250,20 @@ def write_probe_dataset(
     num_eval_per_cell: int = 4,
     seed: int = 0,
     count_tokens: TokenCounter = count_words,
+    training_tasks: Sequence[str] = (),
 ) -> Path:
     """Write `<out_dir>/quality/{train,validation}.jsonl`: training rows at random depths for every task and training
-    length, and held-out rows for every (task, eval length, depth) cell. Returns `out_dir`."""
+    length, and held-out rows for every (task, eval length, depth) cell. `training_tasks` (of `TRAINING_TASKS`) add
+    training rows only, `num_train_per_length` per length each. Returns `out_dir`."""
     unknown = sorted(set(tasks) - set(PROBE_TASKS))
     if unknown:
         raise ValueError(f"unknown probe task(s) {unknown}; valid tasks: {', '.join(PROBE_TASKS)}.")
+    unknown = sorted(set(training_tasks) - set(TRAINING_TASKS))
+    if unknown:
+        raise ValueError(f"unknown training task(s) {unknown}; valid training tasks: {', '.join(TRAINING_TASKS)}.")
     folder = Path(out_dir) / PROBE_SCROLLS_TASK
-    train = list(probe_rows(tasks, train_lengths, [None], num_train_per_length, seed, "train", count_tokens))
+    train_tasks = [*tasks, *training_tasks]
+    train = list(probe_rows(train_tasks, train_lengths, [None], num_train_per_length, seed, "train", count_tokens))
     random.Random(seed).shuffle(train)  # lengths and tasks interleaved, so any prefix is a fair sample
     validation = probe_rows(tasks, eval_lengths, depths, num_eval_per_cell, seed, "validation", count_tokens)
     for split, rows in (("train", train), ("validation", validation)):

@@ -78,8 +78,13 @@ def test_command_line_narrows_the_setup(long_range_probe):
     assert defaults.seed == 0 and seeded.seed == 2
     args = long_range_probe.parse_args(["--tasks", "multi_key_needle", "aggregation"])
     assert long_range_probe.setup_from_args(args).tasks == ("multi_key_needle", "aggregation")
+    assert defaults.training_tasks == ()
+    args = long_range_probe.parse_args(["--tasks", "multi_key_needle", "--training-tasks", "multi_query_needle"])
+    assert long_range_probe.setup_from_args(args).training_tasks == ("multi_query_needle",)
     with pytest.raises(SystemExit):
         long_range_probe.parse_args(["--tasks", "needle"])
+    with pytest.raises(SystemExit):
+        long_range_probe.parse_args(["--training-tasks", "single_needle"])
 
 
 @pytest.mark.parametrize("family", ["scrolls_ssm", "led"])

@@ -12,6 +12,7 @@ from scrolls_ssm.metrics import compute_scrolls_metrics
 from scrolls_ssm.probe import (
     PROBE_SCROLLS_TASK,
     PROBE_TASKS,
+    TRAINING_TASKS,
     count_words,
     parse_probe_id,
     probe_example,
@@ -68,6 +69,42 @@ def test_only_the_planted_facts_give_the_answer():
         }
         assert len(counts) == 5 and max(counts, key=counts.get) == answer
         assert sorted(counts.values()).count(counts[answer]) == 1
+
+
+def test_multi_query_needle_asks_every_key_in_its_own_order_and_answers_their_values_in_that_order():
+    in_document_order = 0
+    for seed in range(40):
+        text, answer = probe_example("multi_query_needle", 800, 40, random.Random(seed))
+        question, document = text.split("\n\n", 1)
+        asked = re.fullmatch(r"What are the special magic numbers for the (.+)\?", question).group(1)
+        keys = re.split(r", the | and the ", asked)
+        needles = re.findall(r"special magic number for the ([a-z ]+) is (\d+) \.", document)
+        assert len(keys) == 4 and sorted(keys) == sorted(key for key, _ in needles)
+        values = dict(needles)
+        assert answer == " ".join(values[key] for key in keys)
+        assert all(text.count(values[key]) == 1 for key in keys)  # each value only in its needle
+        in_document_order += keys == [key for key, _ in needles]
+    assert in_document_order <= 6  # asked in the document's order by chance only (1 in 24)
+    assert count_words(text) <= 800
+
+
+def test_training_tasks_add_training_rows_only(tmp_path):
+    write_probe_dataset(
+        tmp_path,
+        tasks=["multi_key_needle"],
+        training_tasks=TRAINING_TASKS,
+        train_lengths=(200,),
+        num_train_per_length=10,
+        eval_lengths=(300,),
+        depths=(0, 100),
+        num_eval_per_cell=2,
+    )
+    train = load_scrolls(PROBE_SCROLLS_TASK, "train", data_files=str(tmp_path))
+    validation = load_scrolls(PROBE_SCROLLS_TASK, "validation", data_files=str(tmp_path))
+    assert sorted({row["id"].split(".")[0] for row in train}) == ["multi_key_needle", "multi_query_needle"]
+    assert len(train) == 20 and {row["id"].split(".")[0] for row in validation} == {"multi_key_needle"}
+    with pytest.raises(ValueError, match=r"unknown training task\(s\) \['single_needle'\]; valid training"):
+        write_probe_dataset(tmp_path, training_tasks=["single_needle"])
 
 
 def test_variable_tracking_answer_is_the_chain_of_the_asked_value():
