@@ -170,7 +170,7 @@ def corpus(setup: Setup, split: str) -> list[str]:
 
 def stand_in(setup: Setup, out: Path) -> Path:
     """A small BART pretrained with text infilling on the synthetic corpus, saved with its tokenizer (with <mask>)."""
-    from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, get_linear_schedule_with_warmup
+    from transformers import AutoTokenizer
 
     from scrolls_ssm.denoising import denoising_batches, denoising_loss
     from scrolls_ssm.synthetic import train_sentencepiece_tokenizer
@@ -185,49 +185,15 @@ def stand_in(setup: Setup, out: Path) -> Path:
     tokenizer = train_sentencepiece_tokenizer(texts, staging / "_sentencepiece", vocab_size=setup.vocab_size)
     tokenizer.add_special_tokens({"mask_token": "<mask>"})
     tokenizer.model_max_length = setup.length
-    torch.manual_seed(setup.seed)
-    config = BartConfig(
-        vocab_size=len(tokenizer),
-        d_model=setup.d_model,
-        encoder_layers=setup.encoder_layers,
-        decoder_layers=setup.decoder_layers,
-        encoder_attention_heads=setup.heads,
-        decoder_attention_heads=setup.heads,
-        encoder_ffn_dim=setup.ffn_dim,
-        decoder_ffn_dim=setup.ffn_dim,
-        max_position_embeddings=setup.length,
-        dropout=0.0,
-        init_std=setup.init_std,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.eos_token_id,
-        forced_eos_token_id=tokenizer.eos_token_id,
-    )
-    model = BartForConditionalGeneration(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=setup.pretrain_lr, weight_decay=0.01)
-    schedule = get_linear_schedule_with_warmup(optimizer, setup.pretrain_steps // 20, setup.pretrain_steps)
     heldout = denoising_batches(corpus(setup, "heldout"), tokenizer, setup.length, 8192, seed=99)
-    model.train()
-    step, epoch, started = 0, 0, time.monotonic()
-    while step < setup.pretrain_steps:
-        # Fresh noise every epoch, as BART's pretraining draws it per example.
-        batches = denoising_batches(texts, tokenizer, setup.length, setup.pretrain_tokens, seed=setup.seed + epoch)
-        for index in torch.randperm(len(batches), generator=torch.Generator().manual_seed(epoch)).tolist():
-            loss = model(**batches[index]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % 100 == 0 or step == setup.pretrain_steps:
-                print(f"pretrain step {step}/{setup.pretrain_steps}: loss {loss.item():.3f}", flush=True)
-            if step == setup.pretrain_steps:
-                break
-        epoch += 1
+    started = time.monotonic()
+    sizes = {name: getattr(setup, name) for name in SIZES}
+    model = pretrain_with_infilling(
+        tokenizer, texts, sizes, setup.init_std, setup.length, setup.pretrain_steps, setup.pretrain_tokens,
+        setup.pretrain_lr, setup.seed,
+    )  # fmt: skip
     report = {
-        "steps": step,
+        "steps": setup.pretrain_steps,
         "seconds": round(time.monotonic() - started),
         "heldout_denoising_loss": denoising_loss(model, heldout),
     }
@@ -241,6 +207,71 @@ def stand_in(setup: Setup, out: Path) -> Path:
     staging.rename(folder)
     AutoTokenizer.from_pretrained(folder)  # loads back as a user would
     return folder
+
+
+# The fields of a Setup (of this script or of long_range_probe.py) that size a BART.
+SIZES = ("d_model", "encoder_layers", "decoder_layers", "heads", "ffn_dim")
+
+
+def pretrain_with_infilling(
+    tokenizer,
+    texts: list[str],
+    sizes: dict,
+    init_std: float,
+    length: int,
+    steps: int,
+    tokens: int,
+    lr: float,
+    seed: int,
+):
+    """A BART of `sizes` (`d_model`, `encoder_layers`, `decoder_layers`, `heads`, `ffn_dim`) trained from scratch
+    with BART's text infilling on `texts` cut to `length` tokens: `steps` steps of `tokens` tokens, AdamW, linear
+    warm-up over the first 5% and decay, fresh noise every epoch."""
+    from transformers import BartConfig, BartForConditionalGeneration, get_linear_schedule_with_warmup
+
+    from scrolls_ssm.denoising import denoising_batches
+
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=sizes["d_model"],
+        encoder_layers=sizes["encoder_layers"],
+        decoder_layers=sizes["decoder_layers"],
+        encoder_attention_heads=sizes["heads"],
+        decoder_attention_heads=sizes["heads"],
+        encoder_ffn_dim=sizes["ffn_dim"],
+        decoder_ffn_dim=sizes["ffn_dim"],
+        max_position_embeddings=length,
+        dropout=0.0,
+        init_std=init_std,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+    )
+    model = BartForConditionalGeneration(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = get_linear_schedule_with_warmup(optimizer, steps // 20, steps)
+    model.train()
+    step, epoch = 0, 0
+    while step < steps:
+        # Fresh noise every epoch, as BART's pretraining draws it per example.
+        batches = denoising_batches(texts, tokenizer, length, tokens, seed=seed + epoch)
+        for index in torch.randperm(len(batches), generator=torch.Generator().manual_seed(epoch)).tolist():
+            loss = model(**batches[index]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % 100 == 0 or step == steps:
+                print(f"pretrain step {step}/{steps}: loss {loss.item():.3f}", flush=True)
+            if step == steps:
+                break
+        epoch += 1
+    return model
 
 
 # --- the variants ---------------------------------------------------------------------------------------------------

@@ -146,10 +146,10 @@ def check_random_states(checkpoint: Path, num_processes: int) -> None:
     checkpoint with a missing or truncated `random_states_<rank>.pkl` would resume with the wrong random streams: the
     run goes on, but no longer reproduces the uninterrupted one. Every process checks every rank's file, so all of
     them agree on whether this checkpoint is damaged."""
-    from accelerate.utils import load
+    from accelerate.utils import RNG_STATE_NAME, load
 
     for rank in range(num_processes):
-        file = checkpoint / f"random_states_{rank}.pkl"
+        file = checkpoint / f"{RNG_STATE_NAME}_{rank}.pkl"  # the name accelerate's save_state writes
         states = load(file)
         missing = [key for key in RANDOM_STATE_KEYS if not isinstance(states, dict) or key not in states]
         if missing:

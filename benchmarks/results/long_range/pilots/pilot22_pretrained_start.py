@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 
 import long_range_probe as lrp  # noqa: E402  (benchmarks/, put on the path above)
 import torch  # noqa: E402
+from swap_transfer import SIZES, pretrain_with_infilling  # noqa: E402
 
 from scrolls_ssm.probe import _key, _needle, _value  # noqa: E402
 from scrolls_ssm.synthetic import filler_sentence  # noqa: E402
@@ -52,7 +53,7 @@ def documents(count: int, split: str, facts: int = 4, restatements: int = 2, sen
 
 
 def pretrain(tokenizer_dir: Path) -> Path:
-    from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, get_linear_schedule_with_warmup
+    from transformers import AutoTokenizer
 
     from scrolls_ssm.denoising import denoising_batches, denoising_loss
 
@@ -65,46 +66,14 @@ def pretrain(tokenizer_dir: Path) -> Path:
     heldout = denoising_batches(documents(48, "heldout"), tokenizer, PRE_LEN, 8192, seed=99)
     lengths = [len(tokenizer(t)["input_ids"]) for t in texts[:50]]
     print("pretraining document tokens", min(lengths), sum(lengths) / len(lengths), max(lengths), flush=True)
-    torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=len(tokenizer),
-        d_model=SETUP.d_model,
-        encoder_layers=SETUP.encoder_layers,
-        decoder_layers=SETUP.decoder_layers,
-        encoder_attention_heads=SETUP.heads,
-        decoder_attention_heads=SETUP.heads,
-        encoder_ffn_dim=SETUP.ffn_dim,
-        decoder_ffn_dim=SETUP.ffn_dim,
-        max_position_embeddings=PRE_LEN,
-        dropout=0.0,
-        init_std=0.1,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.eos_token_id,
-        forced_eos_token_id=tokenizer.eos_token_id,
-    )
-    model = BartForConditionalGeneration(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=PRE_LR, weight_decay=0.01)
-    schedule = get_linear_schedule_with_warmup(optimizer, PRE_STEPS // 20, PRE_STEPS)
-    step, epoch, started = 0, 0, time.monotonic()
-    model.train()
-    while step < PRE_STEPS:
-        batches = denoising_batches(texts, tokenizer, PRE_LEN, PRE_TOKENS, seed=epoch)
-        for index in torch.randperm(len(batches), generator=torch.Generator().manual_seed(epoch)).tolist():
-            loss = model(**batches[index]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % 250 == 0:
-                print(f"pretrain {step}: {loss.item():.3f} ({time.monotonic() - started:.0f} s)", flush=True)
-            if step == PRE_STEPS:
-                break
-        epoch += 1
-    report = {"steps": step, "seconds": round(time.monotonic() - started), "heldout": denoising_loss(model, heldout)}
+    started = time.monotonic()
+    sizes = {name: getattr(SETUP, name) for name in SIZES}
+    model = pretrain_with_infilling(tokenizer, texts, sizes, 0.1, PRE_LEN, PRE_STEPS, PRE_TOKENS, PRE_LR, seed=0)
+    report = {
+        "steps": PRE_STEPS,
+        "seconds": round(time.monotonic() - started),
+        "heldout": denoising_loss(model, heldout),
+    }
     print("pretrained", report, flush=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
