@@ -374,6 +374,35 @@ def test_causal_conv1d_matches_direct_sum(activation):
         ops.causal_conv1d(x, weight, bias, "relu")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_causal_conv1d_gradients_match_conv1d_in_both_layouts(layout, with_bias):
+    """The hand-written backward gives conv1d's gradients (float64), for a (batch, d, L) tensor and for the transposed
+    view of a (batch, L, d) one, which is what the Mamba-2 mixer passes; the outputs keep the input's layout."""
+    g = _seeded(12)
+    if layout == "contiguous":
+        x = torch.randn(2, 5, 13, generator=g, dtype=torch.float64)
+    else:
+        x = torch.randn(2, 13, 5, generator=g, dtype=torch.float64).transpose(1, 2)
+    x.requires_grad_(True)
+    weight = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    upstream = torch.randn(2, 5, 13, generator=g, dtype=torch.float64)
+
+    def grads(fn):
+        inputs = [x, weight] + ([bias] if with_bias else [])
+        out = fn()
+        return out, torch.autograd.grad((out * upstream).sum(), inputs)
+
+    out, got = grads(lambda: ops.causal_conv1d(x, weight, bias, "silu"))
+    ref_out, expected = grads(lambda: F.silu(F.conv1d(x, weight[:, None], bias, padding=3, groups=5)[..., :13]))
+    torch.testing.assert_close(out, ref_out)
+    for g_got, g_expected in zip(got, expected, strict=True):
+        torch.testing.assert_close(g_got, g_expected)
+    assert (out.stride(1) == 1) == (layout == "channels_last")
+    assert torch.autograd.gradcheck(lambda x, w: ops.causal_conv1d(x, w, bias), (x, weight))
+
+
 # ---------------------------------------------------------------------------------------------- kernel dispatch
 def test_kernel_refusals_name_the_reason_and_warn_once(monkeypatch):
     """The CUDA kernels' capability checks (no GPU needed) and the one-warning-per-kernel fallback."""

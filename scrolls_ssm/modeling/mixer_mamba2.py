@@ -6,9 +6,12 @@ into chunked matrix products (ops_ssd.py): far cheaper than Mamba-1 on a CPU. On
 the SSM input x, B, C (shared by each of `mamba2_ngroups` groups of heads) and dt; x, B, C pass a causal depthwise
 convolution; a gated RMSNorm (RMSNorm(y * SiLU(z))) and an output projection follow.
 
-Bidirectional: each row's real tokens are reversed (pads stay at the end, so nothing flows from a pad into a real
-position) and the reversed copy runs in the same batch as the original, through the same weights; the two
-directions' outputs are added before the gated norm.
+Bidirectional: the same weights run over the sequence and over its reversal, and the two directions' outputs are
+added before the gated norm. The reversal is a plain flip of the whole padded row, not a per-row reordering: before
+it, the pads' convolution inputs and step sizes are zeroed, so in the reversed direction the pads (now in front of
+the real tokens) add nothing to the state, decay nothing and show the convolution only zeros, exactly as if the
+row's real tokens had been reversed alone. (In the forward direction right-padding never reaches a real position.)
+Each direction runs as its own batch: no gathers, no stacking of the two into one batch and back.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from transformers import initialization as init
 
 from .configuration_scrolls_ssm import ScrollsSSMConfig
 from .mixer_base import set_optim_hint
-from .mixer_mamba import gather_positions, reverse_real_tokens
 from .ops import causal_conv1d, mamba2_scan
 
 
@@ -45,7 +47,7 @@ class GatedRMSNorm(nn.Module):
 
 
 class BiMamba2Mixer(nn.Module):
-    """Mamba-2 over the sequence and over its per-row reversal, batched together; added, gated, normed, projected."""
+    """Mamba-2 over the sequence and over its reversal, one batch each; added, gated, normed, projected."""
 
     def __init__(self, config: ScrollsSSMConfig, layer_idx: int):
         super().__init__()
@@ -57,9 +59,11 @@ class BiMamba2Mixer(nn.Module):
         self.groups = config.mamba2_ngroups
         self.chunk_size = config.mamba2_chunk_size
         self.dt_min, self.dt_max = config.ssm_dt_min, config.ssm_dt_max
-        conv_width = self.d_inner + 2 * self.groups * self.d_state  # x, B and C are convolved together
+        self.bc_width = self.groups * self.d_state
+        conv_width = self.d_inner + 2 * self.bc_width  # x, B and C are convolved together
         # (z, xBC, dt) in one projection
         self.in_proj = nn.Linear(config.d_model, self.d_inner + conv_width + self.heads, bias=False)
+        self.in_proj_parts = (self.d_inner, conv_width, self.heads)
         # applied causally by ops.causal_conv1d
         self.conv1d = nn.Conv1d(conv_width, conv_width, config.mamba2_d_conv, groups=conv_width)
         self.dt_bias = nn.Parameter(torch.empty(self.heads))
@@ -85,23 +89,22 @@ class BiMamba2Mixer(nn.Module):
         init.uniform_(self.conv1d.bias, -bound, bound)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        batch, length, _ = hidden_states.shape
-        bc_width = self.groups * self.d_state
-        z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.d_inner + 2 * bc_width, self.heads], dim=-1)
-        reverse = reverse_real_tokens(attention_mask, batch, length, hidden_states.device)
+        # The input projection as three products with slices of its weight, so that each part comes out contiguous
+        # (the convolution then keeps xBC channels-last; a split of one product would leave strided views).
+        z, xBC, dt = (F.linear(hidden_states, weight) for weight in self.in_proj.weight.split(self.in_proj_parts))
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (batch, L, heads), the positive step sizes
+        y = self._direction(xBC, dt)
+        if attention_mask is not None:  # pads: no convolution input, no step (no input to the state, no decay)
+            real = attention_mask[..., None].bool()
+            xBC, dt = xBC.masked_fill(~real, 0.0), dt.masked_fill(~real, 0.0)
+        y = y + self._direction(xBC.flip(1), dt.flip(1)).flip(1)
+        return self.out_proj(self.norm(y, z))
 
-        def both_directions(x: torch.Tensor) -> torch.Tensor:
-            # (batch, L, channels) -> (batch, channels, L) -> (2 * batch, channels, L): original rows, then reversed
-            x = x.transpose(1, 2)
-            return torch.cat([x, gather_positions(x, reverse)])
-
-        xBC = causal_conv1d(both_directions(xBC), self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
-        x, B, C = xBC.transpose(1, 2).split([self.d_inner, bc_width, bc_width], dim=-1)  # (2 * batch, L, .)
-        dt = F.softplus(both_directions(dt).transpose(1, 2).float() + self.dt_bias.float())  # (2 * batch, L, heads)
-        x = x.unflatten(-1, (self.heads, self.head_dim))  # (2 * batch, L, d_inner) -> (2 * batch, L, heads, head_dim)
-        B, C = (t.unflatten(-1, (self.groups, self.d_state)) for t in (B, C))  # (2 * batch, L, groups, N)
+    def _direction(self, xBC: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """One causal pass: (batch, L, conv width) and dt (batch, L, heads) -> y + D x, (batch, L, d_inner)."""
+        xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
+        x, B, C = xBC.transpose(1, 2).split([self.d_inner, self.bc_width, self.bc_width], dim=-1)
+        x = x.unflatten(-1, (self.heads, self.head_dim))  # (batch, L, heads, head_dim)
+        B, C = (t.unflatten(-1, (self.groups, self.d_state)) for t in (B, C))  # (batch, L, groups, N)
         y, _ = mamba2_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size)
-        y = y + x * self.D[:, None].to(x.dtype)
-        y = y.flatten(2).transpose(1, 2)  # (2 * batch, L, heads, head_dim) -> (2 * batch, d_inner, L)
-        y = y[:batch] + gather_positions(y[batch:], reverse)  # the reversed rows back in order, then added
-        return self.out_proj(self.norm(y.transpose(1, 2), z))  # (batch, d_inner, L) -> (batch, L, d_inner)
+        return (y + x * self.D[:, None].to(x.dtype)).flatten(2)

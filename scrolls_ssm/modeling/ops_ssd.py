@@ -56,46 +56,51 @@ def ssd_scan(
     pad = chunks * chunk_size - length  # written so that a symbolic L + pad simplifies to chunks * chunk_size
     with torch.autocast(device_type=X.device.type, enabled=False):
         # Padding steps: A = 0 (decay 1) and X = 0 (no input), so the final state is the state after step L.
-        # Chunks are cut with `unfold` (windows of Q, step Q) rather than a reshape, whose divisibility check a
-        # symbolic length defeats.
+        # Layout: chunk-major, (batch, chunks, Q, heads, k), a view of the padded input. With the heads of a group
+        # side by side in memory, the products with B and C take all of a group's heads as the rows of one matrix
+        # (no copy of B or C per head), and the output comes out in X's own layout. Chunks are cut with `unfold`
+        # (windows of Q, step Q) rather than a reshape, whose divisibility check a symbolic length defeats.
         def to_chunks(x: torch.Tensor) -> torch.Tensor:
-            # (batch, L, heads or groups, k) -> (batch, chunks, heads or groups, k, Q) -> (batch, ., chunks, Q, k)
-            x = F.pad(x.to(compute), (0, 0, 0, 0, 0, pad)).unfold(1, chunk_size, chunk_size)
-            return x.permute(0, 2, 1, 4, 3)
+            # (batch, L, heads or groups, k) -> (batch, chunks, heads or groups, k, Q) -> (batch, chunks, Q, ., k)
+            return F.pad(x.to(compute), (0, 0, 0, 0, 0, pad)).unfold(1, chunk_size, chunk_size).permute(0, 1, 4, 2, 3)
 
-        X_c = to_chunks(X)  # (batch, heads, chunks, Q, head_dim)
-        B_c, C_c = to_chunks(B), to_chunks(C)  # (batch, groups, chunks, Q, d_state)
-        # (batch, L, heads) -> (batch, chunks, heads, Q) -> (batch, heads, chunks, Q)
-        A_c = F.pad(A.to(compute), (0, 0, 0, pad)).unfold(1, chunk_size, chunk_size).permute(0, 2, 1, 3)
+        X_c = to_chunks(X)  # (batch, chunks, Q, heads, head_dim)
+        B_c, C_c = to_chunks(B), to_chunks(C)  # (batch, chunks, Q, groups, d_state)
+        # (batch, L, heads) -> (batch, chunks, heads, Q)
+        A_c = F.pad(A.to(compute), (0, 0, 0, pad)).unfold(1, chunk_size, chunk_size)
 
-        def by_group(x: torch.Tensor) -> torch.Tensor:
-            # (batch, heads, ...) -> (batch, groups, heads per group, ...), to meet B and C's groups
-            return x.unflatten(1, (groups, per_group))
+        def group_rows(x: torch.Tensor) -> torch.Tensor:
+            # (batch, chunks, Q, heads, P) -> (batch, chunks, groups, Q, heads per group * P)
+            return x.flatten(3).unflatten(3, (groups, per_group * head_dim)).transpose(2, 3)
 
         # Each chunk's own cumulative log-decay, A_1 + ... + A_i: a sum of at most Q <= 256 steps that starts at the
         # chunk's first step. Every decay below is exp of a difference of two of them, or of one of them.
-        A_cum = torch.cumsum(A_c, dim=-1)  # (batch, heads, chunks, Q)
+        A_cum = torch.cumsum(A_c, dim=-1)  # (batch, chunks, heads, Q)
 
         # Within a chunk: Y_i = sum_{j <= i} (C_i . B_j) exp(A_{j+1} + ... + A_i) X_j. Its (Q, Q) tensors per head
         # are recomputed in backward rather than kept: they are most of the memory the scan would otherwise hold.
-        Y = _within_chunks_in_pieces(X_c, A_cum, B_c, C_c)
+        Y = _within_chunks_in_pieces(X_c, A_cum, B_c, C_c)  # (batch, chunks, Q, heads, head_dim)
 
-        # Each chunk's own final state, from a zero state: sum_j exp(A_{j+1} + ... + A_Q) X_j (outer) B_j.
-        decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)[..., None]  # (batch, heads, chunks, Q, 1)
-        weighted = by_group((X_c * decay_to_end).transpose(-1, -2))  # (batch, groups, per group, chunks, P, Q)
-        chunk_states = (weighted @ B_c[:, :, None]).flatten(1, 2)  # (batch, heads, chunks, head_dim, d_state)
+        # Each chunk's own final state, from a zero state: sum_j exp(A_{j+1} + ... + A_Q) X_j (outer) B_j; one
+        # (heads per group * P, Q) x (Q, N) product per chunk and group.
+        decay_to_end = torch.exp(A_cum[..., -1:] - A_cum).transpose(2, 3)[..., None]  # (batch, chunks, Q, heads, 1)
+        weighted = group_rows(X_c * decay_to_end).transpose(-1, -2)  # (batch, chunks, groups, per group * P, Q)
+        chunk_states = weighted @ B_c.transpose(2, 3)  # (batch, chunks, groups, per group * P, N)
+        chunk_states = chunk_states.unflatten(3, (per_group, head_dim)).flatten(2, 3)  # (batch, chunks, heads, P, N)
 
         # Between chunks: the state entering each chunk, from the initial state and all earlier chunks.
         if initial_states is None:
             initial_states = X.new_zeros(batch, heads, head_dim, d_state, dtype=compute)
         entering, final_state = _across_chunks(initial_states.to(compute), chunk_states, A_cum[..., -1])
 
-        # The entering state read out at step i of a chunk, decayed by exp(A_1 + ... + A_i).
-        read = C_c[:, :, None] @ by_group(entering).transpose(-1, -2)  # (batch, groups, per group, chunks, Q, P)
-        Y = Y + read.flatten(1, 2) * torch.exp(A_cum)[..., None]
+        # The entering state read out at step i of a chunk, decayed by exp(A_1 + ... + A_i): (Q, N) x (N, rows).
+        rows = entering.flatten(2, 3).unflatten(2, (groups, per_group * head_dim))  # (batch, chunks, groups, ., N)
+        read = C_c.transpose(2, 3) @ rows.transpose(-1, -2)  # (batch, chunks, groups, Q, per group * P)
+        read = read.transpose(2, 3).unflatten(-1, (per_group, head_dim)).flatten(3, 4)  # (batch, chunks, Q, heads, P)
+        Y = Y + read * torch.exp(A_cum).transpose(2, 3)[..., None]
 
-    # (batch, heads, chunks, Q, head_dim) -> (batch, chunks, Q, heads, head_dim) -> (batch, L, heads, head_dim)
-    Y = leading_positions(Y.permute(0, 2, 3, 1, 4).reshape(batch, chunks * chunk_size, heads, head_dim), length, dim=1)
+    # (batch, chunks, Q, heads, head_dim) -> (batch, L, heads, head_dim)
+    Y = leading_positions(Y.reshape(batch, chunks * chunk_size, heads, head_dim), length, dim=1)
     return Y.to(out_dtype), final_state
 
 
@@ -113,32 +118,38 @@ def _within_chunks_in_pieces(
     recorded. A symbolic chunk count (torch.export) cannot be split in Python; it takes one piece."""
     tensors = (X_c, A_cum, B_c, C_c)
     record = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if isinstance(X_c.shape[2], int):
-        pieces = list(zip(*(t.split(CHUNKS_PER_PIECE, dim=2) for t in tensors), strict=True))
+    if isinstance(X_c.shape[1], int):
+        pieces = list(zip(*(t.split(CHUNKS_PER_PIECE, dim=1) for t in tensors), strict=True))
     else:
         pieces = [tensors]
     outs = [
         checkpoint(_within_chunks, *piece, use_reentrant=False) if record else _within_chunks(*piece)
         for piece in pieces
     ]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def _within_chunks(X_c: torch.Tensor, A_cum: torch.Tensor, B_c: torch.Tensor, C_c: torch.Tensor) -> torch.Tensor:
-    """The intra-chunk term: (batch, heads, chunks, Q, head_dim). X_c: (batch, heads, chunks, Q, head_dim); A_cum:
-    (batch, heads, chunks, Q), the per-chunk cumulative log-decays; B_c, C_c: (batch, groups, chunks, Q, d_state).
+    """The intra-chunk term: (batch, chunks, Q, heads, head_dim). X_c: (batch, chunks, Q, heads, head_dim); A_cum:
+    (batch, chunks, heads, Q), the per-chunk cumulative log-decays; B_c, C_c: (batch, chunks, Q, groups, d_state).
 
     decay[i, j] = exp(A_cum[i] - A_cum[j]) = exp(A_{j+1} + ... + A_i) for j <= i: a difference of two sums of at most
     Q steps from the same start, never of sums over the whole sequence. Above the diagonal the difference is positive
     (it could overflow) and is set to -inf before the exp. C . B is the same for all the heads of a group.
     """
-    batch, heads, chunks, steps, _ = X_c.shape
-    groups = B_c.shape[1]
+    steps, heads = X_c.shape[2:4]
+    groups = B_c.shape[3]
+    # Head-major here, (batch, heads or groups, chunks, ...): the products need X per head as contiguous (Q, P)
+    # matrices anyway (one copy), and with the heads in front of the chunks, splitting the products' flattened batch
+    # back into its dimensions is provable for a symbolic chunk count (torch.export).
+    X_h = X_c.permute(0, 3, 1, 2, 4).contiguous()  # (batch, heads, chunks, Q, head_dim)
+    A_h = A_cum.transpose(1, 2)  # (batch, heads, chunks, Q)
     causal = torch.ones(steps, steps, dtype=torch.bool, device=X_c.device).tril()
-    segments = (A_cum[..., :, None] - A_cum[..., None, :]).masked_fill_(~causal, float("-inf"))
+    segments = (A_h[..., :, None] - A_h[..., None, :]).masked_fill_(~causal, float("-inf"))
     decay = segments.exp_().unflatten(1, (groups, heads // groups))  # (batch, groups, per group, chunks, Q, Q)
-    weights = decay * (C_c @ B_c.transpose(-1, -2))[:, :, None]
-    return weights.flatten(1, 2) @ X_c
+    scores = C_c.permute(0, 3, 1, 2, 4) @ B_c.permute(0, 3, 1, 4, 2)  # (batch, groups, chunks, Q, Q)
+    weights = (decay * scores[:, :, None]).flatten(1, 2)  # (batch, heads, chunks, Q, Q)
+    return (weights @ X_h).permute(0, 2, 3, 1, 4)
 
 
 def _across_chunks(
@@ -146,22 +157,22 @@ def _across_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The state entering every chunk, and the final state: state_{k+1} = exp(total_k) state_k + chunk_state_k.
 
-    initial: (batch, heads, P, N); chunk_states: (batch, heads, chunks, P, N); chunk_totals: (batch, heads, chunks),
+    initial: (batch, heads, P, N); chunk_states: (batch, chunks, heads, P, N); chunk_totals: (batch, chunks, heads),
     each chunk's summed log-decay. A scan over the chunks, linear in their number (a dense (chunks x chunks) decay
     matrix would be quadratic: 34 GFLOP per layer at 64K tokens). A symbolic chunk count (torch.export) cannot drive
     a Python loop; it takes the dense form, built from a masked cumulative sum of the totals.
     """
-    if isinstance(chunk_states.shape[2], int):
-        factors = torch.exp(chunk_totals)[..., None, None].unbind(2)
+    if isinstance(chunk_states.shape[1], int):
+        factors = torch.exp(chunk_totals)[..., None, None].unbind(1)
         states, state = [], initial
-        for factor, own in zip(factors, chunk_states.unbind(2), strict=True):
+        for factor, own in zip(factors, chunk_states.unbind(1), strict=True):
             states.append(state)
             state = factor * state + own
-        return torch.stack(states, dim=2), state
-    states = torch.cat([initial[:, :, None], chunk_states], dim=2)  # (batch, heads, 1 + chunks, P, N)
-    decay = torch.exp(_segment_sum(F.pad(chunk_totals, (1, 0))))  # (batch, heads, 1 + chunks, 1 + chunks)
-    states = (decay @ states.flatten(3)).unflatten(3, states.shape[3:])
-    return states[:, :, :-1], states[:, :, -1]
+        return torch.stack(states, dim=1), state
+    states = torch.cat([initial[:, None], chunk_states], dim=1).transpose(1, 2)  # (batch, heads, 1 + chunks, P, N)
+    decay = torch.exp(_segment_sum(F.pad(chunk_totals.transpose(1, 2), (1, 0))))  # (batch, heads, 1 + c, 1 + c)
+    states = (decay @ states.flatten(3)).unflatten(3, states.shape[3:]).transpose(1, 2)  # (batch, 1 + c, heads, P, N)
+    return states[:, :-1], states[:, -1]
 
 
 def _segment_sum(x: torch.Tensor) -> torch.Tensor:
