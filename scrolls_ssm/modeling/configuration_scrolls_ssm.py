@@ -44,7 +44,7 @@ class MixerFields:
     mamba2_ngroups: int = 1
     mamba2_expand: int = 2  # Mamba-2's inner width is mamba2_expand * d_model
     mamba2_d_conv: int = 4  # width of Mamba-2's causal depthwise convolution
-    mamba2_chunk_size: int = 128  # SSD chunk length (<= 256); 64-128 measured fastest on CPU at 16K
+    mamba2_chunk_size: int = 64  # SSD chunk length (<= 256); 64 measured fastest on CPU at 16K (docs/mixers.md)
     gss_d_state: int = 64  # N of GSS's S4D-style SSM
     gss_expansion: int = 2  # GSS's gated width is gss_expansion * d_model
     gss_ssm_dim: int | None = None  # width the GSS SSM runs at; None: d_model // 4 (the paper's reduction)

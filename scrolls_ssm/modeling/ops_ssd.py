@@ -60,14 +60,19 @@ def ssd_scan(
         # side by side in memory, the products with B and C take all of a group's heads as the rows of one matrix
         # (no copy of B or C per head), and the output comes out in X's own layout. Chunks are cut with `unfold`
         # (windows of Q, step Q) rather than a reshape, whose divisibility check a symbolic length defeats.
+        def padded(x: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
+            # F.pad copies even when it adds nothing; at 16K tokens that is a 32 MiB copy of X kept for backward.
+            x = x.to(compute)
+            return x if isinstance(pad, int) and pad == 0 else F.pad(x, widths)
+
         def to_chunks(x: torch.Tensor) -> torch.Tensor:
             # (batch, L, heads or groups, k) -> (batch, chunks, heads or groups, k, Q) -> (batch, chunks, Q, ., k)
-            return F.pad(x.to(compute), (0, 0, 0, 0, 0, pad)).unfold(1, chunk_size, chunk_size).permute(0, 1, 4, 2, 3)
+            return padded(x, (0, 0, 0, 0, 0, pad)).unfold(1, chunk_size, chunk_size).permute(0, 1, 4, 2, 3)
 
         X_c = to_chunks(X)  # (batch, chunks, Q, heads, head_dim)
         B_c, C_c = to_chunks(B), to_chunks(C)  # (batch, chunks, Q, groups, d_state)
         # (batch, L, heads) -> (batch, chunks, heads, Q)
-        A_c = F.pad(A.to(compute), (0, 0, 0, pad)).unfold(1, chunk_size, chunk_size)
+        A_c = padded(A, (0, 0, 0, pad)).unfold(1, chunk_size, chunk_size)
 
         def group_rows(x: torch.Tensor) -> torch.Tensor:
             # (batch, chunks, Q, heads, P) -> (batch, chunks, groups, Q, heads per group * P)
