@@ -138,6 +138,15 @@ def _with_cpu_utilization(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _load_note(loads: list[float]) -> str:
+    """What the load averages say about the wall times: only a load above the core count means competition."""
+    if not loads:
+        return ""
+    if max(loads) > (os.cpu_count() or 1):
+        return " (above the core count: other processes were competing and wall times are inflated; compare CPU times)"
+    return " (not above the core count)"
+
+
 def write_markdown(rows: list[dict], path: Path, meta: dict) -> None:
     rows = _with_cpu_utilization(rows)
     rates = [_float(row, "matmul_gflops") for row in rows if row["status"] == "ok"]
@@ -152,8 +161,8 @@ def write_markdown(rows: list[dict], path: Path, meta: dict) -> None:
         f"{meta['ffn_dim']}, {meta['heads']} heads, attention window {meta['window']}. "
         f"Generated {datetime.datetime.now().isoformat(timespec='minutes')} by `{meta['command']}` "
         f"(torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores, {threads} torch threads per "
-        f"worker). Reference matmul rate (median over runs): {rate}. 1-minute load average when runs ended: {load} "
-        "(above the core count, other processes were competing and wall times are inflated; compare CPU times).",
+        f"worker). Reference matmul rate (median over runs): {rate}. 1-minute load average when runs ended: {load}"
+        f"{_load_note(loads)}.",
         "",
         "| config | what it is |",
         "|---|---|",

@@ -123,3 +123,11 @@ def test_scan_floor_counts_the_scan_in_passes_and_sets_it_against_led(tmp_path):
     assert float(rows[0]["layer_budget_s"]) == pytest.approx(6.0 / 3 / 4)
     assert rows[1]["layer_budget_s"] == ""  # LED failed at 512
     assert "(no LED time given)" in paths[1].read_text()
+
+
+def test_report_says_the_machine_was_contended_only_when_the_load_was_above_the_core_count(monkeypatch):
+    scaling_report = importlib.import_module("scaling_report")
+    monkeypatch.setattr(scaling_report.os, "cpu_count", lambda: 2)
+    assert "competing" in scaling_report._load_note([1.9, 2.5])
+    assert scaling_report._load_note([0.8, 2.0]) == " (not above the core count)"
+    assert scaling_report._load_note([]) == ""
