@@ -86,10 +86,10 @@ def measure(length: int, repeats: int) -> dict:
     }
 
 
-def led_times(path: Path, threads: int) -> dict[int, float]:
-    """LED's forward + backward time per length from an encoder_scaling.py CSV run with `threads` threads."""
+def encoder_times(path: Path, threads: int, config: str = "led") -> dict[int, float]:
+    """`config`'s forward + backward time per length from an encoder_scaling.py CSV run with `threads` threads."""
     with path.open() as handle:
-        rows = [row for row in csv.DictReader(handle) if row["config"] == "led" and row["status"] == "ok"]
+        rows = [row for row in csv.DictReader(handle) if row["config"] == config and row["status"] == "ok"]
     return {int(row["length"]): float(row["time_s"]) for row in rows if int(row["threads"]) == threads}
 
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    led = led_times(args.scaling_csv, args.threads) if args.scaling_csv else {}
+    led = encoder_times(args.scaling_csv, args.threads) if args.scaling_csv else {}
     rows = []
     for length in args.lengths:
         row = measure(length, args.repeats)

@@ -125,6 +125,36 @@ def test_scan_floor_counts_the_scan_in_passes_and_sets_it_against_led(tmp_path):
     assert "(no LED time given)" in paths[1].read_text()
 
 
+def test_mamba2_budget_splits_the_mixer_into_its_parts_and_sets_it_against_led(tmp_path):
+    """benchmarks/mamba2_budget.py at tiny lengths: every part is timed, the glue is the mixer's time less the parts',
+    and the mixer's budget is LED / 3 / 4 layers less the FFN-only encoder's time per layer, from the CSV rows of the
+    run's thread count only (a length LED or ffn-only lacks gets no budget)."""
+    import torch
+
+    threads = torch.get_num_threads()  # the script sets the thread count: keep this process's
+    scaling = tmp_path / "scaling.csv"
+    scaling.write_text(
+        "config,length,status,time_s,threads\n"
+        f"led,128,ok,12.0,{threads}\nled,128,ok,99.0,{threads + 1}\nffn-only,128,ok,2.0,{threads}\n"
+        f"led,256,ok,24.0,{threads}\n"
+    )
+    argv = ["--lengths", "128", "256", "--repeats", "1", "--threads", str(threads), "--scaling-csv", str(scaling)]
+    for budget in import_benchmark("mamba2_budget"):
+        paths = budget.main([*argv, "--out", str(tmp_path)])
+        parts = budget.PARTS
+    assert [path.name for path in paths] == ["mamba2_budget.csv", "mamba2_budget.md", "mamba2_budget.png"]
+    with paths[0].open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["length"]) for row in rows] == [128, 256]
+    for row in rows:
+        assert all(float(row[f"{part}_s"]) > 0 for part in ["mixer", *parts])
+        assert float(row["glue_s"]) == pytest.approx(float(row["mixer_s"]) - sum(float(row[f"{p}_s"]) for p in parts))
+    assert float(rows[0]["mixer_budget_s"]) == pytest.approx(12.0 / 3 / 4 - 2.0 / 4)
+    assert rows[1]["mixer_budget_s"] == "" and float(rows[1]["layer_budget_s"]) == pytest.approx(2.0)
+    report = paths[1].read_text()
+    assert "| 128 |" in report and report.count("n/a") == 2  # 256: no budget, no ratio
+
+
 def test_report_says_the_machine_was_contended_only_when_the_load_was_above_the_core_count(monkeypatch):
     scaling_report = importlib.import_module("scaling_report")
     monkeypatch.setattr(scaling_report.os, "cpu_count", lambda: 2)
