@@ -263,6 +263,11 @@ def measure(spec: dict) -> dict:
     """One (configuration, length) run in this process: a warm-up step, timed fwd+bwd steps and their peak memory,
     then one FLOP-counted step."""
     size, length, device = Size(**spec["size"]), spec["length"], torch.device(spec["device"])
+    if spec.get("retain_freed_memory") and device.type == "cpu":
+        # What the training loop does on a CPU (train.retain_freed_memory): freed memory reused, not re-faulted.
+        from scrolls_ssm.cpu_memory import retain_freed_memory
+
+        retain_freed_memory()
     torch.manual_seed(0)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -437,6 +442,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="recompute each encoder block in backward (activation checkpointing); files end in _gc",
     )
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="CPU: keep freed memory for reuse in every worker (glibc mallopt, as the training loop does); files end "
+        "in _retain",
+    )
     parser.add_argument("--resume", action="store_true", help="keep finished runs from an earlier CSV, run the rest")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -458,6 +469,7 @@ def main(argv: list[str] | None = None) -> Path:
     max_rss = int((args.max_rss_gb or 0.8 * psutil.virtual_memory().available / 2**30) * 2**30)
     stem = f"encoder_scaling_{args.device}_{args.size}" + ("_t5" if args.family == "t5" else "")
     stem += "_gc" if args.gradient_checkpointing else ""
+    stem += "_retain" if args.retain_freed_memory and args.device == "cpu" else ""
     stem += "_quick" if args.quick else ""
     csv_path = args.out / f"{stem}.csv"
     previous = load_previous(csv_path) if args.resume else {}
@@ -492,6 +504,7 @@ def main(argv: list[str] | None = None) -> Path:
                 "repeats": args.repeats,
                 "threads": args.threads,
                 "gradient_checkpointing": args.gradient_checkpointing,
+                "retain_freed_memory": args.retain_freed_memory,
             }
             result = run_worker({**spec, **settings}, args.timeout, max_rss)
             row = {**base, **result, "load_avg": round(os.getloadavg()[0], 2)}

@@ -37,6 +37,7 @@ from transformers import AutoModelForSeq2SeqLM, get_linear_schedule_with_warmup
 from .build import build_model, build_optimizer, build_tokenizer, encoder_length_limit, uses_global_attention
 from .checkpointing import RunState, kill_point, load_checkpoint, save_checkpoint, save_model
 from .config import RunConfig, RunConfigError
+from .cpu_memory import retain_freed_memory
 from .data import get_task, group_references, load_scrolls
 from .evaluation import EvalSet, generate_predictions, score, truncated_split_name, validation_loss
 from .preprocess import Seq2SeqCollator, TokenBudgetBatchSampler, sequence_lengths, tokenize_for_seq2seq
@@ -57,6 +58,10 @@ def train(cfg: RunConfig) -> dict:
         log_with=_trackers(out),
         project_dir=str(out),
     )
+    if cfg.train.retain_freed_memory and accelerator.device.type == "cpu" and retain_freed_memory():
+        accelerator.print(
+            "CPU run: freed memory is kept in the process for reuse (train.retain_freed_memory=false: off)."
+        )
     lock = RunFolderLock(out)
     resume_candidates = _claim_folder(accelerator, cfg, lock)
     try:

@@ -438,3 +438,28 @@ def test_resume_flag_means_resume_auto(setup, tmp_path, capsys):
     assert main(args) == 0  # the same command again: resumes the finished run, which only redoes its outputs
     assert f"Resumed from {out / 'checkpoints' / 'step_00000002'} (epoch 1, step 2)" in capsys.readouterr().out
     assert (out / "model" / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_a_cpu_run_keeps_freed_memory_unless_told_not_to(setup, tmp_path, monkeypatch, retain):
+    """train() asks for retained memory on a CPU before it claims the run folder, and not with
+    train.retain_freed_memory=false (stopped right after, at the folder lock)."""
+    import scrolls_ssm.train as train_module
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(train_module, "retain_freed_memory", lambda: calls.append("retain") or True)
+    monkeypatch.setattr(train_module, "RunFolderLock", stop)
+    base, data, _ = setup
+    cfg = load_run_config(
+        None, overrides(base, data, tmp_path / "run", f"train.retain_freed_memory={str(retain).lower()}")
+    )
+    with pytest.raises(Stop):
+        train(cfg)
+    assert calls == (["retain"] if retain else [])
