@@ -96,7 +96,7 @@ class TrainConfig:
     # Clear a non-empty output_dir and start anew (without it or `resume`, a used output_dir is refused).
     overwrite_output_dir: bool = False
     # On a Linux CPU, keep freed memory in the process instead of returning it to the kernel (glibc's mallopt), so a
-    # step reuses the last one's pages: 16K-token steps ran about 1.7-1.9x faster, peak memory up to 1.3x higher
+    # step reuses the last one's pages: 16K-token steps ran 1.4-2.2x faster, peak memory up to 1.4x higher
     # (docs/training.md). GPU runs are not affected.
     retain_freed_memory: bool = True
 

@@ -3,11 +3,11 @@
 With glibc's default policy, every allocation above its mmap threshold (at most 32 MiB) gets fresh pages from the
 kernel and gives them back when freed, and the heap is trimmed whenever enough of its top is free. At 16K tokens
 most activations are tens of MiB, so every forward + backward step first-touches gigabytes of new pages: page faults
-and zeroing that measured half of a Mamba-2 or LED encoder's 16K step on the 2-core development machine
+and zeroing that measured about half of a Mamba-2 or LED encoder's 16K step on the 2-core development machine
 (docs/benchmarks.md, "The allocator"). `retain_freed_memory` tells malloc to serve every request from its heap and
 never hand memory back: from the second step on, a step reuses the pages of the one before. The cost is that the
-process keeps its peak (and some fragmentation: peaks measured up to 27% higher), which a training job reaches every
-step anyway.
+process keeps its peak (and some fragmentation: peaks measured up to 1.4x higher), which a training job reaches
+every step anyway.
 
 It is a process-wide setting, so the training loop applies it (`train.retain_freed_memory`, on by default, CPU runs
 only) and a library import never does.
