@@ -20,7 +20,6 @@ Writes CSV, markdown and PNG.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import platform
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from scan_floor import best_time, encoder_times
+from scan_floor import best_time, encoder_times, per_layer_parser
 
 from scrolls_ssm.modeling.configuration_scrolls_ssm import ScrollsSSMConfig
 from scrolls_ssm.modeling.mixer_mamba2 import BiMamba2Mixer
@@ -147,15 +146,8 @@ def report(rows: list[dict], command: str, threads: int, out: Path) -> list[Path
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 16384], help="sequence lengths in tokens")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (encoder_scaling.py's main sweep: 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up; the fastest is kept")
-    parser.add_argument(
-        "--scaling-csv", type=Path, help="an encoder_scaling.py CSV with led and ffn-only at these lengths"
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
-    args = parser.parse_args(argv)
+    scaling_help = "an encoder_scaling.py CSV with led and ffn-only at these lengths"
+    args = per_layer_parser(__doc__, 3, scaling_help, RESULTS_DIR).parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for length in args.lengths:

@@ -155,16 +155,21 @@ def report(rows: list[dict], command: str, threads: int, led: dict[int, float], 
     return [csv_path, md_path, png_path]
 
 
-def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def per_layer_parser(doc: str, repeats: int, scaling_help: str, results_dir: Path) -> argparse.ArgumentParser:
+    """The options of a one-layer timing script set against encoder_scaling.py's LED (this one and
+    mamba2_budget.py): lengths, threads, repeats, the scaling CSV and the output folder."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 16384], help="sequence lengths in tokens")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (encoder_scaling.py's main sweep: 1)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs after a warm-up; the fastest is kept")
-    parser.add_argument(
-        "--scaling-csv", type=Path, help="an encoder_scaling.py CSV with LED at these lengths and thread count"
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
-    args = parser.parse_args(argv)
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed runs after a warm-up; the fastest is kept")
+    parser.add_argument("--scaling-csv", type=Path, help=scaling_help)
+    parser.add_argument("--out", type=Path, default=results_dir, help=f"output folder (default {results_dir})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    scaling_help = "an encoder_scaling.py CSV with LED at these lengths and thread count"
+    args = per_layer_parser(__doc__, 2, scaling_help, RESULTS_DIR).parse_args(argv)
     torch.set_num_threads(args.threads)
     led = encoder_times(args.scaling_csv, args.threads) if args.scaling_csv else {}
     rows = []
