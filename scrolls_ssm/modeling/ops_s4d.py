@@ -7,8 +7,9 @@ zero-order-hold discretization is the convolution kernel
 
 (B folded into C; conjugate pairs give the factor 2 and the real part). The naive evaluation materializes the
 (H, N/2, L) Vandermonde matrix exp(dt A l); here the positions are split as l = i * T + j, so that
-exp(dt A l) = exp(dt A T i) * exp(dt A j) and the sum over n becomes a batched (complex) matrix product of a
-(H, L/T, N/2) and a (H, N/2, T) factor: about 35x faster at 16K tokens on a CPU and far smaller.
+exp(dt A l) = exp(dt A T i) * exp(dt A j) and the sum over n becomes a batched matrix product of a (H, L/T, N/2)
+and a (H, N/2, T) factor (its real part only, as one real product): about 35x faster at 16K tokens on a CPU and far
+smaller.
 """
 
 from __future__ import annotations
@@ -51,10 +52,16 @@ def s4d_kernel(log_dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor, length: i
         inner = torch.exp(dtA[:, :, None] * offsets)  # exp(dt A j): (H, N/2, T)
         block_starts = torch.arange(0, blocks * block, block, device=A.device, dtype=real)  # (L/T,): i T
         outer = torch.exp(dtA[:, None, :] * block_starts[:, None])  # exp(dt A T i): (H, L/T, N/2)
-        # Weighting the outer factor by C keeps the sum over n a plain batched matrix product.
-        weighted = C[:, :, None, :] * outer  # (channels, H, L/T, N/2)
-        K = torch.matmul(weighted, inner)  # (channels, H, L/T, T)
-        K = 2.0 * K.real.reshape(channels, heads, blocks * block)  # (channels, H, L/T, T) -> (channels, H, >= L)
+        # Weighting the outer factor by C keeps the sum over n a plain batched matrix product, one per head with the
+        # channels' rows stacked (larger matrices than one product per channel and head).
+        weighted = C.transpose(0, 1)[:, :, None, :] * outer[:, None]  # (H, channels, L/T, N/2)
+        # Only the real part is wanted: Re(w . v) = Re w . Re v - Im w . Im v, one real product over N terms. The
+        # complex product formed the imaginary part too, and ran at a few GFLOP/s on a CPU (16K tokens, 256
+        # channels: 140 ms, about 40% of S4D's mixer forward).
+        left = torch.cat([weighted.real, -weighted.imag], dim=-1).flatten(1, 2)  # (H, channels * L/T, N)
+        right = torch.cat([inner.real, inner.imag], dim=-2)  # (H, N, T)
+        K = (left @ right).unflatten(1, (channels, blocks)).flatten(2)  # (H, channels, >= L)
+        K = 2.0 * K.transpose(0, 1)  # (channels, H, >= L)
     return leading_positions(K, length)
 
 
