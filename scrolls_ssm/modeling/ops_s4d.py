@@ -48,18 +48,32 @@ def s4d_kernel(log_dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor, length: i
         A = A.to(complex_dtype)
         dtA = torch.exp(log_dt.to(real))[:, None] * A  # (H, N/2)
         C = C.to(complex_dtype) * (torch.exp(dtA) - 1.0) / A  # (channels, H, N/2)
-        offsets = torch.arange(block, device=A.device, dtype=real)
-        inner = torch.exp(dtA[:, :, None] * offsets)  # exp(dt A j): (H, N/2, T)
-        block_starts = torch.arange(0, blocks * block, block, device=A.device, dtype=real)  # (L/T,): i T
-        outer = torch.exp(dtA[:, None, :] * block_starts[:, None])  # exp(dt A T i): (H, L/T, N/2)
+
+        # exp(dt A x) for real x, as its real and imaginary parts: the real product below needs them apart, and real
+        # exp / cos / sin run several times faster than a complex exp on a CPU. rate_re, rate_im: dt A's parts,
+        # shaped to broadcast against x.
+        def vandermonde(
+            rate_re: torch.Tensor, rate_im: torch.Tensor, x: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            magnitude, phase = torch.exp(rate_re * x), rate_im * x
+            return magnitude * torch.cos(phase), magnitude * torch.sin(phase)
+
+        offsets = torch.arange(block, device=A.device, dtype=real)  # j
+        inner = vandermonde(dtA.real[:, :, None], dtA.imag[:, :, None], offsets)  # exp(dt A j): (H, N/2, T)
+        block_starts = torch.arange(0, blocks * block, block, device=A.device, dtype=real)[:, None]  # (L/T, 1): i T
+        # exp(dt A T i): (H, L/T, N/2)
+        outer_re, outer_im = vandermonde(dtA.real[:, None, :], dtA.imag[:, None, :], block_starts)
         # Weighting the outer factor by C keeps the sum over n a plain batched matrix product, one per head with the
         # channels' rows stacked (larger matrices than one product per channel and head).
-        weighted = C.transpose(0, 1)[:, :, None, :] * outer[:, None]  # (H, channels, L/T, N/2)
-        # Only the real part is wanted: Re(w . v) = Re w . Re v - Im w . Im v, one real product over N terms. The
-        # complex product formed the imaginary part too, and ran at a few GFLOP/s on a CPU (16K tokens, 256
-        # channels: 140 ms, about 40% of S4D's mixer forward).
-        left = torch.cat([weighted.real, -weighted.imag], dim=-1).flatten(1, 2)  # (H, channels * L/T, N)
-        right = torch.cat([inner.real, inner.imag], dim=-2)  # (H, N, T)
+        C_re, C_im = (part.transpose(0, 1)[:, :, None, :] for part in (C.real, C.imag))  # (H, channels, 1, N/2)
+        outer_re, outer_im = outer_re[:, None], outer_im[:, None]  # (H, 1, L/T, N/2)
+        # Only K's real part is wanted: Re(w . v) = Re w . Re v - Im w . Im v, one real product over N terms, with
+        # w = C * outer (H, channels, L/T, N/2). The complex product formed the imaginary part too, and ran at a few
+        # GFLOP/s on a CPU (16K tokens, 256 channels: 140 ms, about 40% of S4D's mixer forward).
+        weighted_re = C_re * outer_re - C_im * outer_im
+        weighted_im = C_re * outer_im + C_im * outer_re
+        left = torch.cat([weighted_re, -weighted_im], dim=-1).flatten(1, 2)  # (H, channels * L/T, N)
+        right = torch.cat(inner, dim=-2)  # (H, N, T)
         K = (left @ right).unflatten(1, (channels, blocks)).flatten(2)  # (H, channels, >= L)
         K = 2.0 * K.transpose(0, 1)  # (channels, H, >= L)
     return leading_positions(K, length)
