@@ -5,7 +5,7 @@ kernel and gives them back when freed, and the heap is trimmed whenever enough o
 most activations are tens of MiB, so every forward + backward step first-touches gigabytes of new pages: page faults
 and zeroing that measured about half of a Mamba-2 or LED encoder's 16K step on the 2-core development machine
 (docs/benchmarks.md, "The allocator"). `retain_freed_memory` tells malloc to serve every request from its heap and
-never hand memory back: from the second step on, a step reuses the pages of the one before. The cost is that the
+never hand memory back: after the first step or two, a step reuses the pages of the ones before. The cost is that the
 process keeps its peak (and some fragmentation: peaks measured up to 1.4x higher), which a training job reaches
 every step anyway.
 
