@@ -20,14 +20,13 @@ Writes CSV, markdown and PNG.
 
 from __future__ import annotations
 
-import csv
 import platform
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from scan_floor import best_time, encoder_times, per_layer_parser
+from scan_floor import best_time, encoder_times, per_layer_parser, write_rows
 
 from scrolls_ssm.modeling.configuration_scrolls_ssm import ScrollsSSMConfig
 from scrolls_ssm.modeling.mixer_mamba2 import BiMamba2Mixer
@@ -96,10 +95,7 @@ def _seconds(value) -> str:
 def report(rows: list[dict], command: str, threads: int, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = (out / f"mamba2_budget.{ext}" for ext in ("csv", "md", "png"))
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(rows, csv_path)
     lines = [
         "# One bidirectional Mamba-2 layer against the 3x-LED budget",
         "",

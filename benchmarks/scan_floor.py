@@ -93,16 +93,21 @@ def encoder_times(path: Path, threads: int, config: str = "led") -> dict[int, fl
     return {int(row["length"]): float(row["time_s"]) for row in rows if int(row["threads"]) == threads}
 
 
+def write_rows(rows: list[dict], path: Path) -> None:
+    """`rows` as a CSV with the first row's keys as its columns (this script's and mamba2_budget.py's)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def report(rows: list[dict], command: str, threads: int, led: dict[int, float], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = out / "scan_floor.csv", out / "scan_floor.md", out / "scan_floor.png"
     for row in rows:
         budget = led.get(row["length"])
         row["layer_budget_s"] = budget / 3 / LAYERS if budget else ""
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(rows, csv_path)
     lines = [
         "# Mamba-1's selective scan against the memory-bandwidth floor",
         "",

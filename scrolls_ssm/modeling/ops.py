@@ -196,7 +196,6 @@ class _CausalDepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return _causal_conv_forward(x, weight, bias)
 
     @staticmethod
@@ -220,6 +219,6 @@ class _CausalDepthwiseConv(torch.autograd.Function):
                 grad_weight = torch.stack(
                     [(gs * shifted.narrow(along, k, length)).sum((0, along)) for k in range(width)], dim=-1
                 )
-            if ctx.has_bias and ctx.needs_input_grad[2]:
+            if ctx.needs_input_grad[2]:  # False when there is no bias
                 grad_bias = grad.sum((0, 2))
         return grad_x, grad_weight, grad_bias
