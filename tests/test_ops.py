@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from scrolls_ssm.modeling import ops, ops_selective_scan
+from scrolls_ssm.modeling import ops, ops_cpu_scan, ops_selective_scan
 from scrolls_ssm.modeling.ops_selective_scan import selective_scan
 from scrolls_ssm.modeling.ops_ssd import ssd_scan
 
@@ -94,11 +96,43 @@ def _scan_inputs(kind: str, length: int = 37, batch: int = 2, d: int = 6, n: int
     )
 
 
+HAS_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
+
+
+@pytest.fixture(params=["compiled", "pytorch"])
+def scan_backend(request, monkeypatch):
+    """Runs a test once on the compiled CPU kernel (ops_cpu_scan.py) and once on the PyTorch two-level scan, and
+    checks that the backend asked for is the one that served every call."""
+    served = []
+    if request.param == "compiled":
+        if not HAS_COMPILER:
+            pytest.skip("no C compiler on this machine: the compiled scan is not built")
+        assert ops_cpu_scan.load() is not None, "a C compiler is on PATH, yet the compiled scan did not build"
+        monkeypatch.setattr(ops_cpu_scan, "SelectiveScanKernel", _counting(ops_cpu_scan.SelectiveScanKernel, served))
+    else:
+        monkeypatch.setattr(ops_selective_scan, "_use_compiled_kernel", lambda *tensors: False)
+        monkeypatch.setattr(
+            ops_selective_scan, "_SelectiveScanCore", _counting(ops_selective_scan._SelectiveScanCore, served)
+        )
+    yield request.param
+    assert served, f"the {request.param} scan served no call"
+
+
+def _counting(function_class, served: list):
+    class Counting(function_class):
+        @classmethod
+        def apply(cls, *args):
+            served.append(cls)
+            return super().apply(*args)
+
+    return Counting
+
+
 @pytest.mark.parametrize("kind", ["constant", "variable", "grouped"])
 @pytest.mark.parametrize("extras", [(), ("D",), ("z", "delta_bias"), ("D", "z", "delta_bias")])
 @pytest.mark.parametrize("softplus", [False, True])
 @pytest.mark.parametrize("length", [1, 37])
-def test_selective_scan_matches_recurrence(kind, extras, softplus, length):
+def test_selective_scan_matches_recurrence(kind, extras, softplus, length, scan_backend):
     inputs = _scan_inputs(kind, length)
     kwargs = {k: inputs[k] for k in ("u", "delta", "A", "B", "C", *extras)}
     expected, expected_state = selective_scan_reference(**kwargs, delta_softplus=softplus)
@@ -111,9 +145,15 @@ def test_selective_scan_matches_recurrence(kind, extras, softplus, length):
 
 
 @pytest.mark.parametrize("kind", ["constant", "variable", "grouped"])
-def test_selective_scan_gradients_match_recurrence(kind):
-    inputs = {k: v.requires_grad_() for k, v in _scan_inputs(kind, length=23).items()}
-    weight = torch.randn(2, 6, 23, generator=_seeded(2), dtype=torch.float64)
+@pytest.mark.parametrize(
+    ("length", "d"),
+    # One chunk of the compiled kernel's backward and three; d: part of a block of its 8 channels, blocks that span
+    # groups of B and C (21 channels in 3 groups of 7), and blocks inside one group (24 channels in 3 groups of 8).
+    [(23, 6), (150, 6), (150, 21), (70, 24)],
+)
+def test_selective_scan_gradients_match_recurrence(kind, length, d, scan_backend):
+    inputs = {k: v.requires_grad_() for k, v in _scan_inputs(kind, length=length, d=d).items()}
+    weight = torch.randn(2, d, length, generator=_seeded(2), dtype=torch.float64)
     out, state = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
     grads = torch.autograd.grad((out * weight).sum() + state.sum(), list(inputs.values()))
     expected, expected_state = selective_scan_reference(**inputs, delta_softplus=True)
@@ -125,8 +165,10 @@ def test_selective_scan_gradients_match_recurrence(kind):
 @pytest.mark.parametrize("kind", ["constant", "variable", "grouped"])
 @pytest.mark.parametrize("channels_per_slice", [1, 4])
 def test_selective_scan_over_channel_slices_equals_one_pass(kind, channels_per_slice, monkeypatch):
-    """Above `STATE_SLICE_ELEMENTS` state values the scan runs over slices of channels (grouped B / C: whole groups
-    of 2 channels, so 4 per slice -> 4 + 2); outputs, last state and every gradient equal the one-pass scan's."""
+    """Above `STATE_SLICE_ELEMENTS` state values the PyTorch scan runs over slices of channels (grouped B / C: whole
+    groups of 2 channels, so 4 per slice -> 4 + 2); outputs, last state and every gradient equal the one-pass scan's.
+    (The compiled kernel holds no state-sized tensors and never slices.)"""
+    monkeypatch.setattr(ops_selective_scan, "_use_compiled_kernel", lambda *tensors: False)
     inputs = {k: v.requires_grad_() for k, v in _scan_inputs(kind, length=23).items()}
     weight = torch.randn(2, 6, 23, generator=_seeded(3), dtype=torch.float64)
 
@@ -148,7 +190,7 @@ def test_selective_scan_over_channel_slices_equals_one_pass(kind, channels_per_s
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
 
 
-def test_selective_scan_long_sequence_is_stable():
+def test_selective_scan_long_sequence_is_stable(scan_backend):
     """Large step sizes over many steps: no overflow from long products of decays."""
     inputs = _scan_inputs("variable", length=3000, d=2, n=3, dtype=torch.float32)
     out, state = selective_scan(
@@ -157,7 +199,7 @@ def test_selective_scan_long_sequence_is_stable():
     assert torch.isfinite(out).all() and torch.isfinite(state).all()
 
 
-def test_selective_scan_keeps_float32_math_under_autocast():
+def test_selective_scan_keeps_float32_math_under_autocast(scan_backend):
     inputs = _scan_inputs("variable", dtype=torch.float32)
     expected = selective_scan(**inputs, delta_softplus=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -167,6 +209,78 @@ def test_selective_scan_keeps_float32_math_under_autocast():
         )
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine: the compiled scan is not built")
+@pytest.mark.parametrize("kind", ["constant", "variable", "grouped"])
+def test_compiled_scan_splits_channels_among_threads_without_changing_results(kind):
+    """Rows are split among torch's threads, each summing the gradients of shared B and C into its own buffer: two
+    and three threads give one thread's numbers (to rounding of the sums' order)."""
+    inputs = {k: v.requires_grad_() for k, v in _scan_inputs(kind, length=70, batch=3).items()}
+    weight = torch.randn(3, 6, 70, generator=_seeded(4), dtype=torch.float64)
+
+    def run(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out, state = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+            return [out, state, *torch.autograd.grad((out * weight).sum() + state.sum(), list(inputs.values()))]
+        finally:
+            torch.set_num_threads(before)
+
+    one = run(1)
+    for threads in (2, 3):
+        for got, want in zip(run(threads), one, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine: the compiled scan is not built")
+def test_compiled_scan_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    """The first load compiles into $SCROLLS_SSM_CACHE/kernels; a later process (here: a cleared cache of the
+    loader) loads that file without compiling again."""
+    monkeypatch.setenv("SCROLLS_SSM_CACHE", str(tmp_path))
+    monkeypatch.setattr(ops_cpu_scan, "load", ops_cpu_scan.load.__wrapped__)  # uncached
+    assert ops_cpu_scan.load() is not None
+    (library,) = (tmp_path / "kernels").glob("selective_scan-*.so")
+    assert not any(path.name.startswith(".build-") for path in (tmp_path / "kernels").iterdir())
+    built = library.stat().st_mtime_ns
+    compiled = []
+    monkeypatch.setattr(ops_cpu_scan, "_compile", lambda *args: compiled.append(args))
+    assert ops_cpu_scan.load() is not None and not compiled and library.stat().st_mtime_ns == built
+
+
+@pytest.mark.parametrize(
+    ("environment", "reason"),
+    [
+        ({"CC": "no-such-compiler"}, "no C compiler found (looked for 'no-such-compiler' on PATH; set CC)"),
+        ({"CC": "false"}, "failed"),  # a "compiler" that fails every build
+        ({"SCROLLS_SSM_CPU_KERNELS": "0"}, None),  # switched off: quietly
+    ],
+)
+def test_without_the_compiled_scan_the_pytorch_scan_serves_with_one_warning(
+    tmp_path, monkeypatch, environment, reason
+):
+    monkeypatch.setenv("SCROLLS_SSM_CACHE", str(tmp_path))
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    warnings = []
+    monkeypatch.setattr(ops_cpu_scan.logger, "warning", warnings.append)
+    ops_cpu_scan.load.cache_clear()
+    try:
+        inputs = _scan_inputs("variable", dtype=torch.float32)
+        assert not ops_cpu_scan.usable(*(inputs[k] for k in ("u", "delta", "A", "B", "C")))
+        expected, _ = selective_scan_reference(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True)
+        for _ in range(2):
+            torch.testing.assert_close(
+                selective_scan(**inputs, delta_softplus=True).double(), expected, rtol=1e-4, atol=1e-4
+            )
+    finally:
+        ops_cpu_scan.load.cache_clear()
+    if reason is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and reason in warnings[0] and "using the PyTorch scan" in warnings[0]
+    assert not list(tmp_path.rglob("*.so"))
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,10 @@ inputs, not the (batch, d, n, L) states autograd would save (a bidirectional Mam
 few state-sized tensors at once; above `STATE_SLICE_ELEMENTS` the scan runs over slices of channels (independent in
 the scan), so that only one slice's are alive at a time.
 
-On a CPU the scan is bound by memory traffic over its states: about 10 passes over them forward and 24 backward
-(`benchmarks/scan_floor.py`, docs/benchmarks.md). Fewer needs a kernel that keeps the state in cache.
+On a CPU this scan is bound by memory traffic over its states: about 10 passes over them forward and 24 backward
+(`benchmarks/scan_floor.py`, docs/benchmarks.md). So on CPU float32 / float64 tensors the core runs in a compiled
+kernel that keeps each channel's state in registers (ops_cpu_scan.py), where the machine has a C compiler; this
+module's two-level scan serves every other call (CUDA without mamba-ssm, tracing, no compiler) with the same numbers.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from . import ops_cpu_scan
 
 
 def selective_scan(
@@ -53,29 +57,40 @@ def selective_scan(
     The math runs in float32 (or float64) whatever the input dtype or autocast says.
     """
     _check_arguments(u, delta, A, B, C, D, z, delta_bias)
-    d = u.shape[1]
     out_dtype = u.dtype
     compute = torch.promote_types(u.dtype, torch.float32)
     with torch.autocast(device_type=u.device.type, enabled=False):
-        u, delta, A = u.to(compute), delta.to(compute), A.to(compute)
-        if delta_bias is not None:
-            delta = delta + delta_bias.to(compute)[:, None]
-        if delta_softplus:
-            delta = F.softplus(delta)
-        drive, B, C = delta * u, B.to(compute), C.to(compute)
-        pieces = [
-            _SelectiveScanCore.apply(
-                delta[:, part], drive[:, part], A[part], _channels(B, part, d), _channels(C, part, d)
-            )
-            for part in _channel_slices(u.shape, A.shape[1], B)
-        ]
-        out, last_state = (torch.cat(tensors, dim=1) for tensors in zip(*pieces, strict=True))
-        if D is not None:
-            out = out + D.to(compute)[:, None] * u
+        u, delta, A, B, C = u.to(compute), delta.to(compute), A.to(compute), B.to(compute), C.to(compute)
+        D = None if D is None else D.to(compute)
+        delta_bias = None if delta_bias is None else delta_bias.to(compute)
+        if _use_compiled_kernel(u, delta, A, B, C, *(t for t in (D, delta_bias) if t is not None)):
+            out, last_state = ops_cpu_scan.SelectiveScanKernel.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        else:
+            out, last_state = _scan_pytorch(u, delta, A, B, C, D, delta_bias, delta_softplus)
         if z is not None:
             out = out * F.silu(z.to(compute))
     out = out.to(out_dtype)
     return (out, last_state) if return_last_state else out
+
+
+def _scan_pytorch(u, delta, A, B, C, D, delta_bias, delta_softplus) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-level scan of the module docstring, D skip included, over slices of channels where it is large."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    drive, d = delta * u, u.shape[1]
+    pieces = [
+        _SelectiveScanCore.apply(delta[:, part], drive[:, part], A[part], _channels(B, part, d), _channels(C, part, d))
+        for part in _channel_slices(u.shape, A.shape[1], B)
+    ]
+    out, last_state = (torch.cat(tensors, dim=1) for tensors in zip(*pieces, strict=True))
+    return (out if D is None else out + D[:, None] * u), last_state
+
+
+def _use_compiled_kernel(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled CPU kernel serves this call (tests switch it off to check the PyTorch path)."""
+    return ops_cpu_scan.usable(*tensors)
 
 
 # One call of the scan's core holds a few (batch, d, n, L) tensors at once (the states, their decays, the adjoint):

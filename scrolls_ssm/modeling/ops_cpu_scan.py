@@ -1,0 +1,443 @@
+"""Mamba-1's selective scan as a compiled CPU kernel that keeps each channel's state in registers.
+
+The pure-PyTorch scan (ops_selective_scan.py) materializes the (batch, d, n, L) states and passes over them about 34
+times per forward + backward: on a CPU that memory traffic is its whole cost (docs/benchmarks.md, "Mamba-1: the floor
+that stops it on a CPU"). This kernel walks each channel's L steps once with its n-sized state in registers and reads
+and writes only the (batch, d, L) inputs and outputs:
+
+- forward: per channel, h_t = exp(delta_t A) h_{t-1} + drive_t B_t and y_t = C_t . h_t; the state entering every
+  `CHUNK`-th step is kept (a (batch, d, L / CHUNK, n) checkpoint, 1/64 of the states);
+- backward: per channel, chunk by chunk from the end, the chunk's states and decays are recomputed from its
+  checkpoint into a small buffer that stays in cache, and the adjoint g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1}
+  runs backwards through it, giving the gradients of delta, drive, A, B and C.
+
+The C source lives in this file, so that a checkpoint's copied code (`trust_remote_code`) carries it. It is compiled
+on first use with the machine's C compiler (`$CC`, else `cc`), for this CPU (`-march=native`), into
+`$SCROLLS_SSM_CACHE` (default `~/.cache/scrolls_ssm`)/kernels, written atomically so that parallel processes can
+race for it. Where no compiler works the scan falls back to the PyTorch path, with one warning that says why;
+`SCROLLS_SSM_CPU_KERNELS=0` turns the kernel off. Channels are independent, so they are split among
+`torch.get_num_threads()` threads (the kernel runs outside the GIL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# Steps between two kept states. Backward recomputes one chunk at a time: 2 x CHUNK x n values (8 KiB at n = 16 in
+# float32) stay in the first-level cache, and the checkpoints cost n / CHUNK values per step and channel.
+CHUNK = 64
+
+# The scan's C body, written once over REAL / EXP / LOG1P / NAME and compiled for float and double. Work items are
+# (batch, block of WIDTH channels) pairs; u, delta, y and their gradients are (batch, L, d) tensors with d contiguous
+# (strides: batch, time), so each step reads one cache line per block. B and C are read at
+# B + batch * b_batch + group * b_group + t * b_time + k, and their gradients are written with the same strides.
+_BODY = r"""
+static inline REAL NAME(softplus)(REAL x) { return x > 20 ? x : LOG1P(EXP(x)); }
+static inline REAL NAME(sigmoid)(REAL x) { return x > 20 ? 1 : 1 / (1 + EXP(-x)); }
+
+/* Step t of a block: delta (after bias and softplus) and the drive delta * u of its w channels, in loops over the
+   channels that the compiler vectorizes (exp and log1p included). */
+static inline void NAME(step_inputs)(const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias,
+                                     int64_t softplus, int64_t w, REAL *restrict raw, REAL *restrict dt,
+                                     REAL *restrict uc, REAL *restrict drive) {
+    for (int64_t c = 0; c < w; ++c) raw[c] = delta[c] + (bias ? bias[c] : 0);
+    if (softplus)
+        for (int64_t c = 0; c < w; ++c) dt[c] = NAME(softplus)(raw[c]);
+    else
+        for (int64_t c = 0; c < w; ++c) dt[c] = raw[c];
+    for (int64_t c = 0; c < w; ++c) {
+        uc[c] = u[c];
+        drive[c] = dt[c] * uc[c];
+    }
+}
+
+/* Where each channel of a block finds its rows of B and C: batch and group offsets (an integer division per channel
+   and block, not per step). */
+static inline void NAME(group_rows)(int64_t b, int64_t c0, int64_t w, int64_t per_group, int64_t b_batch,
+                                    int64_t b_group, int64_t *rows) {
+    for (int64_t c = 0; c < w; ++c) rows[c] = b * b_batch + ((c0 + c) / per_group) * b_group;
+}
+
+int NAME(selective_scan_forward)(
+    const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D,
+    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus,
+    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_time, int64_t per_group,
+    int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk,
+    REAL *restrict y, REAL *restrict last, REAL *restrict kept, int64_t item_begin, int64_t item_end)
+{
+    const int64_t blocks = (d + WIDTH - 1) / WIDTH, chunks = (length + chunk - 1) / chunk;
+    REAL *h = malloc(WIDTH * n * sizeof(REAL));
+    if (!h) return 1;
+    for (int64_t item = item_begin; item < item_end; ++item) {
+        const int64_t b = item / blocks, c0 = (item % blocks) * WIDTH, w = d - c0 < WIDTH ? d - c0 : WIDTH;
+        REAL *kb = kept + item * chunks * WIDTH * n;
+        int64_t rows[WIDTH];
+        NAME(group_rows)(b, c0, w, per_group, b_batch, b_group, rows);
+        memset(h, 0, WIDTH * n * sizeof(REAL));
+        for (int64_t t = 0; t < length; ++t) {
+            if (t % chunk == 0) memcpy(kb + (t / chunk) * WIDTH * n, h, w * n * sizeof(REAL));
+            const int64_t at = b * s_batch + t * s_time + c0;
+            REAL raw[WIDTH], dt[WIDTH], uc[WIDTH], drive[WIDTH];
+            NAME(step_inputs)(u + at, delta + at, bias ? bias + c0 : 0, softplus, w, raw, dt, uc, drive);
+            for (int64_t c = 0; c < w; ++c) {
+                const int64_t row = rows[c] + t * b_time;
+                const REAL *restrict a = A + (c0 + c) * n, *restrict Bt = B + row, *restrict Ct = C + row;
+                REAL *restrict hc = h + c * n;
+                const REAL dtc = dt[c], drc = drive[c];
+                REAL acc = 0;
+                for (int64_t k = 0; k < n; ++k) {
+                    hc[k] = EXP(dtc * a[k]) * hc[k] + drc * Bt[k];
+                    acc += Ct[k] * hc[k];
+                }
+                y[at + c] = acc + (D ? D[c0 + c] * uc[c] : 0);
+            }
+        }
+        for (int64_t c = 0; c < w; ++c) memcpy(last + (b * d + c0 + c) * n, h + c * n, n * sizeof(REAL));
+    }
+    free(h);
+    return 0;
+}
+
+int NAME(selective_scan_backward)(
+    const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D,
+    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus,
+    const REAL *restrict kept, const REAL *restrict grad_y, const REAL *restrict grad_last,
+    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_time, int64_t per_group,
+    int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk,
+    REAL *restrict grad_u, REAL *restrict grad_delta, REAL *restrict grad_A, REAL *restrict grad_D,
+    REAL *restrict grad_bias, REAL *restrict grad_B, REAL *restrict grad_C, int64_t item_begin, int64_t item_end)
+{
+    const int64_t blocks = (d + WIDTH - 1) / WIDTH, chunks = (length + chunk - 1) / chunk, state = WIDTH * n;
+    REAL *states = malloc(chunk * state * sizeof(REAL)), *decays = malloc(chunk * state * sizeof(REAL));
+    REAL *steps = malloc(chunk * 4 * WIDTH * sizeof(REAL));  /* raw, dt, u, drive of each step of the chunk */
+    REAL *g = malloc(state * sizeof(REAL)), *gA = malloc(state * sizeof(REAL));
+    if (!states || !decays || !steps || !g || !gA) {
+        free(states); free(decays); free(steps); free(g); free(gA);
+        return 1;
+    }
+    for (int64_t item = item_begin; item < item_end; ++item) {
+        const int64_t b = item / blocks, c0 = (item % blocks) * WIDTH, w = d - c0 < WIDTH ? d - c0 : WIDTH;
+        const REAL *kb = kept + item * chunks * state;
+        int64_t rows[WIDTH];
+        NAME(group_rows)(b, c0, w, per_group, b_batch, b_group, rows);
+        REAL gD[WIDTH] = {0}, gbias[WIDTH] = {0};
+        for (int64_t c = 0; c < w; ++c) {
+            if (grad_last) memcpy(g + c * n, grad_last + (b * d + c0 + c) * n, n * sizeof(REAL));
+            else memset(g + c * n, 0, n * sizeof(REAL));
+        }
+        memset(gA, 0, state * sizeof(REAL));
+        for (int64_t ci = chunks - 1; ci >= 0; --ci) {
+            const int64_t t0 = ci * chunk, t1 = t0 + chunk < length ? t0 + chunk : length;
+            /* Recompute the chunk's steps from the state kept at its start. */
+            for (int64_t t = t0; t < t1; ++t) {
+                const int64_t at = b * s_batch + t * s_time + c0, j = t - t0;
+                REAL *raw = steps + 4 * WIDTH * j, *dt = raw + WIDTH, *uc = dt + WIDTH, *drive = uc + WIDTH;
+                NAME(step_inputs)(u + at, delta + at, bias ? bias + c0 : 0, softplus, w, raw, dt, uc, drive);
+                for (int64_t c = 0; c < w; ++c) {
+                    const REAL *restrict a = A + (c0 + c) * n;
+                    const REAL *restrict Bt = B + rows[c] + t * b_time;
+                    const REAL *restrict prev = j ? states + (j - 1) * state + c * n : kb + ci * state + c * n;
+                    REAL *restrict st = states + j * state + c * n, *restrict dec = decays + j * state + c * n;
+                    const REAL dtc = dt[c], drc = drive[c];
+                    for (int64_t k = 0; k < n; ++k) {
+                        dec[k] = EXP(dtc * a[k]);
+                        st[k] = dec[k] * prev[k] + drc * Bt[k];
+                    }
+                }
+            }
+            /* The adjoint, backwards through the chunk. */
+            for (int64_t t = t1 - 1; t >= t0; --t) {
+                const int64_t at = b * s_batch + t * s_time + c0, j = t - t0;
+                const REAL *raw = steps + 4 * WIDTH * j, *dt = raw + WIDTH, *uc = dt + WIDTH, *drive = uc + WIDTH;
+                REAL sum_dt[WIDTH], sum_drive[WIDTH];
+                for (int64_t c = 0; c < w; ++c) {
+                    const int64_t row = rows[c] + t * b_time;
+                    const REAL *restrict a = A + (c0 + c) * n, *restrict Bt = B + row, *restrict Ct = C + row;
+                    const REAL *restrict st = states + j * state + c * n, *restrict dec = decays + j * state + c * n;
+                    const REAL *restrict before = j ? states + (j - 1) * state + c * n : kb + ci * state + c * n;
+                    REAL *restrict gc = g + c * n, *restrict gAc = gA + c * n;
+                    REAL *restrict gBt = grad_B + row, *restrict gCt = grad_C + row;
+                    const REAL gy = grad_y[at + c], dtc = dt[c], drc = drive[c];
+                    REAL s_dt = 0, s_drive = 0;
+                    for (int64_t k = 0; k < n; ++k) {
+                        const REAL full = gc[k] + gy * Ct[k];  /* dL / d state_t */
+                        const REAL e = full * dec[k] * before[k];  /* dL / d(delta_t A) */
+                        gCt[k] += gy * st[k];
+                        s_dt += e * a[k];
+                        gAc[k] += e * dtc;
+                        s_drive += full * Bt[k];
+                        gBt[k] += full * drc;
+                        gc[k] = full * dec[k];
+                    }
+                    sum_dt[c] = s_dt;
+                    sum_drive[c] = s_drive;
+                }
+                for (int64_t c = 0; c < w; ++c) {
+                    const REAL gy = grad_y[at + c], g_dt = sum_dt[c] + sum_drive[c] * uc[c];
+                    const REAL g_raw = softplus ? g_dt * NAME(sigmoid)(raw[c]) : g_dt;
+                    grad_u[at + c] = sum_drive[c] * dt[c] + (D ? gy * D[c0 + c] : 0);
+                    grad_delta[at + c] = g_raw;
+                    gbias[c] += g_raw;
+                    gD[c] += gy * uc[c];
+                }
+            }
+        }
+        for (int64_t c = 0; c < w; ++c) {
+            memcpy(grad_A + (b * d + c0 + c) * n, gA + c * n, n * sizeof(REAL));
+            grad_D[b * d + c0 + c] = gD[c];
+            grad_bias[b * d + c0 + c] = gbias[c];
+        }
+    }
+    free(states); free(decays); free(steps); free(g); free(gA);
+    return 0;
+}
+"""
+
+WIDTH = 64  # channels per work item: u and delta of 64 channels are 4 cache lines per step (8 was 2x slower)
+
+_SOURCE = (
+    f"#include <math.h>\n#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>\n#define WIDTH {WIDTH}\n"
+    "#define REAL float\n#define EXP expf\n#define LOG1P log1pf\n#define NAME(x) x##_f32\n"
+    + _BODY
+    + "#undef REAL\n#undef EXP\n#undef LOG1P\n#undef NAME\n"
+    + "#define REAL double\n#define EXP exp\n#define LOG1P log1p\n#define NAME(x) x##_f64\n"
+    + _BODY
+)
+
+# -ffast-math lets the compiler vectorize the loops over n, sums and exp included (glibc's vector exp). It is given
+# to the compile step only: linked into a shared library it would add crtfastmath.o, which switches the whole process
+# to flush-to-zero arithmetic when the library loads.
+_COMPILE_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-std=c11"]
+_ARCH_FLAGS = [["-march=native"], []]  # this CPU's vector units where the compiler knows the flag
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("SCROLLS_SSM_CACHE"):
+        return Path(os.environ["SCROLLS_SSM_CACHE"]) / "kernels"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scrolls_ssm" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: a library built for one CPU must not be loaded on another."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _compiler_version(compiler: str) -> str:
+    done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    return done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout else ""
+
+
+def _compile(compiler: str, target: Path) -> str | None:
+    """Builds the library into `target` atomically; returns None, or why it failed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as build:
+        source, obj, library = Path(build, "scan.c"), Path(build, "scan.o"), Path(build, "scan.so")
+        source.write_text(_SOURCE)
+        error = "no attempt"
+        for arch in _ARCH_FLAGS:
+            steps = (
+                [compiler, *_COMPILE_FLAGS, *arch, "-c", str(source), "-o", str(obj)],
+                [compiler, "-shared", str(obj), "-o", str(library), "-lm"],
+            )
+            for step in steps:
+                done = subprocess.run(step, capture_output=True, text=True, timeout=300, check=False)
+                if done.returncode != 0:
+                    error = f"`{' '.join(step)}` failed: {(done.stderr or done.stdout).strip()[-500:]}"
+                    break
+            else:
+                os.replace(library, target)  # atomic: another process sees the old file, none or the whole new one
+                return None
+        return error
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None (with one warning saying why) where it cannot be."""
+    if os.environ.get("SCROLLS_SSM_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return _unavailable(f"no C compiler found (looked for {os.environ.get('CC', 'cc')!r} on PATH; set CC)")
+    try:
+        key = "\n".join([_SOURCE, *_COMPILE_FLAGS, _compiler_version(compiler), _cpu_signature()])
+        target = _cache_dir() / f"selective_scan-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+        if not target.is_file():
+            error = _compile(compiler, target)
+            if error is not None:
+                return _unavailable(error)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        return _unavailable(str(error))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for suffix in ("f32", "f64"):
+        forward = getattr(library, f"selective_scan_forward_{suffix}")
+        forward.argtypes = [pointer] * 7 + [size] * 11 + [pointer] * 3 + [size] * 2
+        backward = getattr(library, f"selective_scan_backward_{suffix}")
+        backward.argtypes = [pointer] * 7 + [size] + [pointer] * 3 + [size] * 10 + [pointer] * 7 + [size] * 2
+        forward.restype = backward.restype = ctypes.c_int
+    return library
+
+
+def _unavailable(reason: str) -> None:
+    logger.warning(
+        f"Mamba's compiled CPU selective scan is unavailable ({reason}); using the PyTorch scan (same results, "
+        "several times slower on long inputs). Install a C compiler (e.g. gcc) or set SCROLLS_SSM_CPU_KERNELS=0 "
+        "to silence this."
+    )
+    return None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not the fake or functional tensors of tracing, which have no data
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel can serve a call on these tensors: plain CPU float32 / float64 tensors of one dtype, outside
+    tracing (torch.export and torch.compile see the PyTorch scan), with the library built."""
+    dtype = tensors[0].dtype
+    return (
+        dtype in (torch.float32, torch.float64)
+        and all(type(t) in _PLAIN and t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+        and not torch.compiler.is_compiling()
+        and load() is not None
+    )
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scrolls-ssm-scan")
+
+
+def _run(function, items: int, arguments: list, per_thread=None) -> None:
+    """Calls `function(*arguments, *per_thread[i], item_begin, item_end)` over `items` work items split among
+    torch's threads."""
+    threads = max(1, min(torch.get_num_threads(), items))
+    bounds = [items * i // threads for i in range(threads + 1)]
+
+    def call(i: int) -> int:
+        extra = [] if per_thread is None else [p.data_ptr() for p in per_thread[i]]
+        return function(*arguments, *extra, bounds[i], bounds[i + 1])
+
+    codes = [call(0)] if threads == 1 else list(_pool(threads).map(call, range(threads)))
+    if any(codes):
+        raise MemoryError("the compiled selective scan could not allocate its per-thread buffers")
+
+
+def _matrix_layout(matrix: torch.Tensor, batch: int, d: int) -> tuple[torch.Tensor, int, list[int]]:
+    """B or C as a contiguous tensor with n last, its channels per group and its (batch, group, time) strides.
+
+    Constant (d, n): every channel its own group, no batch or time stride. Variable (batch, n, L) -> (batch, L, n),
+    one group. Grouped (batch, groups, n, L) -> (batch, groups, L, n)."""
+    if matrix.dim() == 2:
+        return matrix.contiguous(), 1, [0, matrix.shape[1], 0]
+    if matrix.dim() == 3:
+        laid = matrix.transpose(1, 2).contiguous()
+        return laid, d, [laid.stride(0), 0, laid.stride(1)]
+    laid = matrix.transpose(2, 3).contiguous()
+    return laid, d // matrix.shape[1], [laid.stride(0), laid.stride(1), laid.stride(2)]
+
+
+def _unlayout(grad: torch.Tensor, dims: int) -> torch.Tensor:
+    """A gradient in `_matrix_layout`'s layout back to the layout of a `dims`-dimensional B or C."""
+    return grad if dims == 2 else grad.transpose(-1, -2)
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+class SelectiveScanKernel(torch.autograd.Function):
+    """The selective scan of `ops_selective_scan.selective_scan` before the gate z, in the compiled kernel:
+
+        (u, delta, A, B, C, D, delta_bias, softplus) -> (y (batch, d, L), last state (batch, d, n))
+
+    with delta <- softplus(delta + delta_bias) and y = scan + D * u, all inside the kernel (those elementwise steps
+    and their gradients would otherwise be a dozen passes over (batch, d, L) tensors). u and delta are read in the
+    (batch, L, d) layout: a channels-last (batch, d, L) view, as a Mamba mixer makes them, costs no copy, and y and
+    the gradients of u and delta come back in that layout. D and delta_bias may be None.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, softplus: bool):
+        library = load()
+        batch, d, length = u.shape
+        n = A.shape[1]
+        suffix = "f32" if u.dtype == torch.float32 else "f64"
+        u_laid, delta_laid = u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous()  # (batch, L, d)
+        A = A.contiguous()
+        D = None if D is None else D.contiguous()
+        delta_bias = None if delta_bias is None else delta_bias.contiguous()
+        B_laid, per_group, strides = _matrix_layout(B, batch, d)
+        C_laid = _matrix_layout(C, batch, d)[0]
+        items = batch * -(-d // WIDTH)
+        y = u_laid.new_empty(batch, length, d)
+        last = u.new_empty(batch, d, n)
+        kept = u.new_empty(items, -(-length // CHUNK), WIDTH, n)
+        sizes = [d, length, n, d * length, d, per_group, *strides, CHUNK]
+        inputs = [_pointer(t) for t in (u_laid, delta_laid, delta_bias, D, A, B_laid, C_laid)]
+        outputs = [t.data_ptr() for t in (y, last, kept)]
+        _run(getattr(library, f"selective_scan_forward_{suffix}"), items, [*inputs, int(softplus), *sizes, *outputs])
+        ctx.save_for_backward(u_laid, delta_laid, A, B_laid, C_laid, D, delta_bias, kept)
+        ctx.layout = (B.dim(), per_group, strides, softplus)
+        return y.transpose(1, 2), last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_last):
+        library = load()
+        u_laid, delta_laid, A, B_laid, C_laid, D, delta_bias, kept = ctx.saved_tensors
+        matrix_dims, per_group, strides, softplus = ctx.layout
+        batch, length, d = u_laid.shape
+        n = A.shape[1]
+        suffix = "f32" if u_laid.dtype == torch.float32 else "f64"
+        if grad_y is None:
+            grad_y = torch.zeros_like(u_laid)
+        else:
+            grad_y = grad_y.transpose(1, 2).contiguous()  # (batch, L, d)
+        grad_last = None if grad_last is None else grad_last.contiguous()
+        items = batch * -(-d // WIDTH)
+        threads = max(1, min(torch.get_num_threads(), items))
+        # Channels of one group share B and C: each thread sums their gradients into a buffer of its own.
+        grad_B = B_laid.new_zeros(threads, *B_laid.shape)
+        grad_C = C_laid.new_zeros(threads, *C_laid.shape)
+        grad_u, grad_delta = torch.empty_like(u_laid), torch.empty_like(delta_laid)
+        grad_A = A.new_empty(batch, d, n)
+        grad_D, grad_bias = A.new_empty(batch, d), A.new_empty(batch, d)
+        sizes = [d, length, n, d * length, d, per_group, *strides, CHUNK]
+        inputs = [_pointer(t) for t in (u_laid, delta_laid, delta_bias, D, A, B_laid, C_laid)]
+        saved = [kept.data_ptr(), grad_y.data_ptr(), _pointer(grad_last)]
+        outputs = [t.data_ptr() for t in (grad_u, grad_delta, grad_A, grad_D, grad_bias)]
+        _run(
+            getattr(library, f"selective_scan_backward_{suffix}"),
+            items,
+            [*inputs, int(softplus), *saved, *sizes, *outputs],
+            per_thread=[(grad_B[i], grad_C[i]) for i in range(threads)],
+        )
+        return (
+            grad_u.transpose(1, 2),
+            grad_delta.transpose(1, 2),
+            grad_A.sum(0),
+            _unlayout(grad_B.sum(0), matrix_dims),
+            _unlayout(grad_C.sum(0), matrix_dims),
+            None if D is None else grad_D.sum(0),
+            None if delta_bias is None else grad_bias.sum(0),
+            None,
+        )
