@@ -108,7 +108,9 @@ def scan_backend(request, monkeypatch):
         if not HAS_COMPILER:
             pytest.skip("no C compiler on this machine: the compiled scan is not built")
         assert ops_cpu_scan.load() is not None, "a C compiler is on PATH, yet the compiled scan did not build"
-        monkeypatch.setattr(ops_cpu_scan, "SelectiveScanKernel", _counting(ops_cpu_scan.SelectiveScanKernel, served))
+        monkeypatch.setattr(
+            ops_selective_scan, "SelectiveScanKernel", _counting(ops_cpu_scan.SelectiveScanKernel, served)
+        )
     else:
         monkeypatch.setattr(ops_selective_scan, "_use_compiled_kernel", lambda *tensors: False)
         monkeypatch.setattr(
@@ -158,6 +160,31 @@ def test_selective_scan_gradients_match_recurrence(kind, length, d, scan_backend
     grads = torch.autograd.grad((out * weight).sum() + state.sum(), list(inputs.values()))
     expected, expected_state = selective_scan_reference(**inputs, delta_softplus=True)
     expected_grads = torch.autograd.grad((expected * weight).sum() + expected_state.sum(), list(inputs.values()))
+    for name, grad, expected_grad in zip(inputs, grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-8, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("kind", ["constant", "variable", "grouped"])
+def test_selective_scan_in_reverse_is_the_scan_of_the_flipped_inputs(kind, scan_backend):
+    """`reverse=True` equals scanning the inputs flipped along L and flipping the output back (float64, values, last
+    state and every gradient), over three chunks of the compiled kernel's backward."""
+    inputs = {
+        k: v.requires_grad_() for k, v in _scan_inputs(kind, length=150, d=21 if kind != "grouped" else 6).items()
+    }
+    weight = torch.randn(*inputs["u"].shape, generator=_seeded(5), dtype=torch.float64)
+
+    def flipped(name, tensor):
+        return tensor.flip(-1) if name in ("u", "delta", "z") or (name in ("B", "C") and tensor.dim() > 2) else tensor
+
+    out, state = selective_scan(**inputs, delta_softplus=True, return_last_state=True, reverse=True)
+    grads = torch.autograd.grad((out * weight).sum() + state.sum(), list(inputs.values()))
+    expected, expected_state = selective_scan_reference(
+        **{k: flipped(k, v) for k, v in inputs.items()}, delta_softplus=True
+    )
+    expected = expected.flip(-1)
+    expected_grads = torch.autograd.grad((expected * weight).sum() + expected_state.sum(), list(inputs.values()))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, expected_state, rtol=1e-10, atol=1e-10)
     for name, grad, expected_grad in zip(inputs, grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-8, msg=f"gradient of {name}")
 
@@ -490,9 +517,11 @@ def test_causal_conv1d_matches_direct_sum(activation):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_causal_conv1d_gradients_match_conv1d_in_both_layouts(layout, with_bias):
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "reverse"])
+def test_causal_conv1d_gradients_match_conv1d_in_both_layouts(layout, with_bias, reverse):
     """The hand-written backward gives conv1d's gradients (float64), for a (batch, d, L) tensor and for the transposed
-    view of a (batch, L, d) one, which is what the Mamba-2 mixer passes; the outputs keep the input's layout."""
+    view of a (batch, L, d) one, which is what the Mamba-2 mixer passes; the outputs keep the input's layout. The
+    reverse convolution (Mamba-1's backward direction) equals conv1d on the flipped sequence, flipped back."""
     g = _seeded(12)
     if layout == "contiguous":
         x = torch.randn(2, 5, 13, generator=g, dtype=torch.float64)
@@ -508,13 +537,18 @@ def test_causal_conv1d_gradients_match_conv1d_in_both_layouts(layout, with_bias)
         out = fn()
         return out, torch.autograd.grad((out * upstream).sum(), inputs)
 
-    out, got = grads(lambda: ops.causal_conv1d(x, weight, bias, "silu"))
-    ref_out, expected = grads(lambda: F.silu(F.conv1d(x, weight[:, None], bias, padding=3, groups=5)[..., :13]))
+    def reference():  # reverse: the causal convolution of the flipped sequence, flipped back
+        inputs = x.flip(-1) if reverse else x
+        out = F.silu(F.conv1d(inputs, weight[:, None], bias, padding=3, groups=5)[..., :13])
+        return out.flip(-1) if reverse else out
+
+    out, got = grads(lambda: ops.causal_conv1d(x, weight, bias, "silu", reverse=reverse))
+    ref_out, expected = grads(reference)
     torch.testing.assert_close(out, ref_out)
     for g_got, g_expected in zip(got, expected, strict=True):
         torch.testing.assert_close(g_got, g_expected)
     assert (out.stride(1) == 1) == (layout == "channels_last")
-    assert torch.autograd.gradcheck(lambda x, w: ops.causal_conv1d(x, w, bias), (x, weight))
+    assert torch.autograd.gradcheck(lambda x, w: ops.causal_conv1d(x, w, bias, reverse=reverse), (x, weight))
 
 
 # ---------------------------------------------------------------------------------------------- kernel dispatch

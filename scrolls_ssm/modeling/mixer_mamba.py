@@ -5,9 +5,11 @@ Vision Mamba (Zhu et al. 2024) and Caduceus (Schiff et al. 2024): one input proj
 output projection are shared; a forward and a backward direction each own their depthwise causal convolution,
 x_proj (dt, B, C), dt_proj, A_log and D, and their outputs are added before the gate.
 
-The backward direction reverses the real tokens of each row only (per-row gather), so a right-padded row keeps its
-pads at the end in both directions: causal convolutions and scans never carry anything from a pad into a real
-position, however the pads were filled.
+The backward direction runs its convolution and scan from the end of the sequence (`reverse=True`: on a CPU the
+compiled scan walks the steps backwards in place, nothing is copied). A right-padded row meets its pads first there,
+so the pads' inputs are zeroed before the convolution and after it: the convolution reads zeros past the last real
+token, and the scan's state stays zero until the last real token, however the pads were filled. Real positions then
+get exactly what the reversed real tokens alone would give.
 """
 
 from __future__ import annotations
@@ -22,23 +24,6 @@ from transformers import initialization as init
 from .configuration_scrolls_ssm import ScrollsSSMConfig
 from .mixer_base import set_optim_hint
 from .ops import causal_conv1d, selective_scan
-
-
-def reverse_real_tokens(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
-    """Indices (batch, L) that reverse each row's real (right-padded) tokens and leave its pads in place.
-
-    The permutation is its own inverse: gathering twice with it restores the original order.
-    """
-    positions = torch.arange(length, device=device).expand(batch, length)
-    if attention_mask is None:
-        return positions.flip(-1)
-    real = attention_mask.sum(-1, keepdim=True)  # (batch, 1)
-    return torch.where(positions < real, real - 1 - positions, positions)
-
-
-def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (batch, channels, L) reordered along L by index (batch, L)."""
-    return x.gather(2, index[:, None, :].expand_as(x))
 
 
 class MambaDirection(nn.Module):
@@ -75,9 +60,17 @@ class MambaDirection(nn.Module):
         bound = 1 / math.sqrt(self.conv1d.weight.shape[-1])
         init.uniform_(self.conv1d.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (batch, d_inner, L) -> y (batch, d_inner, L), D skip included, gate not applied."""
-        x = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
+    def forward(self, x: torch.Tensor, reverse: bool = False, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (batch, d_inner, L) -> y (batch, d_inner, L), D skip included, gate not applied.
+
+        `reverse` runs from the end of the sequence; `keep` (batch, 1, L), 1 at real tokens and 0 at pads, zeroes the
+        pads' inputs to the convolution and to the scan (the reverse direction needs it; the forward one does not:
+        its pads come after every real token)."""
+        if keep is not None:
+            x = x * keep
+        x = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu", reverse=reverse)
+        if keep is not None:
+            x = x * keep
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, L, d_inner) -> (batch, d_inner, L)
         return selective_scan(
@@ -89,6 +82,7 @@ class MambaDirection(nn.Module):
             D=self.D.float(),
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
+            reverse=reverse,
         )
 
 
@@ -106,9 +100,9 @@ class BiMambaMixer(nn.Module):
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        batch, length, _ = hidden_states.shape
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (batch, L, 2E) -> 2 x (batch, E, L)
-        reverse = reverse_real_tokens(attention_mask, batch, length, hidden_states.device)
-        backward = gather_positions(self.backward_ssm(gather_positions(x, reverse)), reverse)
-        y = (self.forward_ssm(x) + backward) * F.silu(z)
+        # x and z as two products on halves of in_proj's weight: the backward of one product split in two would
+        # concatenate their (batch, E, L) gradients, a slow strided copy.
+        x, z = (F.linear(hidden_states, weight).transpose(1, 2) for weight in self.in_proj.weight.chunk(2))
+        keep = None if attention_mask is None else attention_mask[:, None, :].to(x.dtype)
+        y = (self.forward_ssm(x) + self.backward_ssm(x, reverse=True, keep=keep)) * F.silu(z)
         return self.out_proj(y.transpose(1, 2))  # (batch, E, L) -> (batch, L, E) -> (batch, L, d_model)

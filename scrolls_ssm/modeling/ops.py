@@ -57,14 +57,20 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    reverse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Mamba-1's selective scan, with `mamba_ssm.selective_scan_fn`'s semantics (see ops_selective_scan.py)."""
+    """Mamba-1's selective scan, with `mamba_ssm.selective_scan_fn`'s semantics (see ops_selective_scan.py), plus
+    `reverse`: the recurrence from the last step to the first (on CPU without copies, in the compiled kernel)."""
     if _selective_scan_cuda is not None and u.is_cuda:
         reason = _selective_scan_refusal(u, delta, A, B, C, D, z, delta_bias)
         if reason is None:
-            return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+            if not reverse:
+                return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+            steps = [t if t is None or t.dim() == 2 else t.flip(-1) for t in (u, delta, B, C, z)]
+            result = _selective_scan_cuda(*steps[:4], D, steps[4], delta_bias, delta_softplus, return_last_state)
+            return (result[0].flip(-1), result[1]) if return_last_state else result.flip(-1)
         _fall_back("mamba_ssm selective_scan_fn", reason)
-    return _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse)
 
 
 def _selective_scan_refusal(u, delta, A, B, C, D, z, delta_bias) -> str | None:
@@ -153,11 +159,17 @@ def _chunk_scan_refusal(x, dt, A, B, C, chunk_size) -> str | None:
 
 
 def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    reverse: bool = False,
 ) -> torch.Tensor:
     """Depthwise causal convolution: x (batch, d, L), weight (d, width), bias (d,); activation None or "silu".
 
-    Output t sees inputs t - width + 1 .. t; returns (batch, d, L) in x's dtype.
+    Output t sees inputs t - width + 1 .. t; returns (batch, d, L) in x's dtype. `reverse=True` is the same
+    convolution run from the end of the sequence (the causal convolution of the flipped x, flipped back): output t
+    sees inputs t .. t + width - 1, weight[:, -1] on input t.
     """
     if activation not in (None, "silu"):
         raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}.")
@@ -168,21 +180,28 @@ def causal_conv1d(
         )
     if _causal_conv1d_cuda is not None and x.is_cuda:
         if x.dtype in _KERNEL_DTYPES and 2 <= weight.shape[1] <= 4:
+            if reverse:
+                return _causal_conv1d_cuda(x.flip(-1), weight, bias, activation=activation).flip(-1)
             return _causal_conv1d_cuda(x, weight, bias, activation=activation)
         _fall_back("causal_conv1d", "it takes float32/16 inputs and widths 2 to 4")
-    y = _CausalDepthwiseConv.apply(x, weight, bias)
+    y = _CausalDepthwiseConv.apply(x, weight, bias, reverse)
     return F.silu(y) if activation == "silu" else y
 
 
-def _causal_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The causal depthwise convolution: width - 1 zeros in front of x (batch, d, L), L outputs.
+def _causal_conv_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reverse: bool = False
+) -> torch.Tensor:
+    """The causal depthwise convolution: width - 1 zeros in front of x (batch, d, L), L outputs; with `reverse`,
+    the zeros after x and the weights in reverse order.
 
     As a 2-D convolution over (batch, d, 1, L): oneDNN keeps a channels-last x (stride 1 along d: a transposed
     (batch, L, d) tensor, as the Mamba-2 mixer passes) in that layout, where conv1d would copy it to (batch, d, L)
     and back (at 16K tokens and d = 640 those copies cost 4x the convolution).
     """
-    padded = F.pad(x[:, :, None], (weight.shape[1] - 1, 0))
-    return F.conv2d(padded, weight[:, None, None, :], bias, groups=x.shape[1])[:, :, 0]
+    width = weight.shape[1]
+    padded = F.pad(x[:, :, None], (0, width - 1) if reverse else (width - 1, 0))
+    kernel = weight.flip(-1) if reverse else weight
+    return F.conv2d(padded, kernel[:, None, None, :], bias, groups=x.shape[1])[:, :, 0]
 
 
 class _CausalDepthwiseConv(torch.autograd.Function):
@@ -190,35 +209,43 @@ class _CausalDepthwiseConv(torch.autograd.Function):
 
     The weight's gradient is `width` fused multiply-and-sum passes over x and the output's gradient; oneDNN's
     depthwise weight gradient took 5x longer on a CPU (16K tokens, 640 channels, one thread: about 550 ms against
-    100 ms). The input's gradient is the anti-causal convolution of the output's gradient with the same weights.
+    100 ms). The input's gradient is the convolution of the output's gradient with the same weights, run the other
+    way.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reverse: bool = False):
         ctx.save_for_backward(x, weight)
-        return _causal_conv_forward(x, weight, bias)
+        ctx.reverse = reverse
+        return _causal_conv_forward(x, weight, bias, reverse)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
+        reverse = ctx.reverse
         width, length = weight.shape[1], x.shape[-1]
         dtype = torch.promote_types(x.dtype, grad.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             grad, x, weight = grad.to(dtype), x.to(dtype), weight.to(dtype)
             grad_x = grad_weight = grad_bias = None
             if ctx.needs_input_grad[0]:
-                # x_s reaches outputs s .. s + width - 1, through weight[:, width - 1 - (t - s)]
-                padded = F.pad(grad[:, :, None], (0, width - 1))
-                grad_x = F.conv2d(padded, weight.flip(-1)[:, None, None, :], groups=x.shape[1])[:, :, 0]
+                # x_s reaches outputs s .. s + width - 1 (s - width + 1 .. s in reverse) through the same weights
+                grad_x = _causal_conv_forward(grad, weight, None, reverse=not reverse)
             if ctx.needs_input_grad[1]:
                 # In x's own layout: a channels-last x as the (batch, L, d) tensor it is a view of (mixing layouts
                 # in these products made them 2.5x slower).
                 along = 1 if x.stride(1) == 1 else 2
                 xs, gs = (x.transpose(1, 2), grad.transpose(1, 2).contiguous()) if along == 1 else (x, grad)
-                shifted = F.pad(xs, (0, 0, width - 1, 0) if along == 1 else (width - 1, 0))
+                pad = (0, width - 1) if reverse else (width - 1, 0)
+                shifted = F.pad(xs, (0, 0, *pad) if along == 1 else pad)
+                # weight[:, k] multiplies x_{t - width + 1 + k} (causal) or x_{t + width - 1 - k} (reverse)
                 grad_weight = torch.stack(
-                    [(gs * shifted.narrow(along, k, length)).sum((0, along)) for k in range(width)], dim=-1
+                    [
+                        (gs * shifted.narrow(along, width - 1 - k if reverse else k, length)).sum((0, along))
+                        for k in range(width)
+                    ],
+                    dim=-1,
                 )
             if ctx.needs_input_grad[2]:  # False when there is no bias
                 grad_bias = grad.sum((0, 2))
-        return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight, grad_bias, None

@@ -74,7 +74,7 @@ static inline void NAME(group_rows)(int64_t b, int64_t c0, int64_t w, int64_t pe
 
 int NAME(selective_scan_forward)(
     const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D,
-    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus,
+    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus, int64_t reverse,
     int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_time, int64_t per_group,
     int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk,
     REAL *restrict y, REAL *restrict last, REAL *restrict kept, int64_t item_begin, int64_t item_end)
@@ -88,9 +88,9 @@ int NAME(selective_scan_forward)(
         int64_t rows[WIDTH];
         NAME(group_rows)(b, c0, w, per_group, b_batch, b_group, rows);
         memset(h, 0, WIDTH * n * sizeof(REAL));
-        for (int64_t t = 0; t < length; ++t) {
-            if (t % chunk == 0) memcpy(kb + (t / chunk) * WIDTH * n, h, w * n * sizeof(REAL));
-            const int64_t at = b * s_batch + t * s_time + c0;
+        for (int64_t step = 0; step < length; ++step) {
+            if (step % chunk == 0) memcpy(kb + (step / chunk) * WIDTH * n, h, w * n * sizeof(REAL));
+            const int64_t t = reverse ? length - 1 - step : step, at = b * s_batch + t * s_time + c0;
             REAL raw[WIDTH], dt[WIDTH], uc[WIDTH], drive[WIDTH];
             NAME(step_inputs)(u + at, delta + at, bias ? bias + c0 : 0, softplus, w, raw, dt, uc, drive);
             for (int64_t c = 0; c < w; ++c) {
@@ -114,7 +114,7 @@ int NAME(selective_scan_forward)(
 
 int NAME(selective_scan_backward)(
     const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D,
-    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus,
+    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus, int64_t reverse,
     const REAL *restrict kept, const REAL *restrict grad_y, const REAL *restrict grad_last,
     int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_time, int64_t per_group,
     int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk,
@@ -141,10 +141,11 @@ int NAME(selective_scan_backward)(
         }
         memset(gA, 0, state * sizeof(REAL));
         for (int64_t ci = chunks - 1; ci >= 0; --ci) {
-            const int64_t t0 = ci * chunk, t1 = t0 + chunk < length ? t0 + chunk : length;
+            const int64_t s0 = ci * chunk, s1 = s0 + chunk < length ? s0 + chunk : length;
             /* Recompute the chunk's steps from the state kept at its start. */
-            for (int64_t t = t0; t < t1; ++t) {
-                const int64_t at = b * s_batch + t * s_time + c0, j = t - t0;
+            for (int64_t step = s0; step < s1; ++step) {
+                const int64_t t = reverse ? length - 1 - step : step, j = step - s0;
+                const int64_t at = b * s_batch + t * s_time + c0;
                 REAL *raw = steps + 4 * WIDTH * j, *dt = raw + WIDTH, *uc = dt + WIDTH, *drive = uc + WIDTH;
                 NAME(step_inputs)(u + at, delta + at, bias ? bias + c0 : 0, softplus, w, raw, dt, uc, drive);
                 for (int64_t c = 0; c < w; ++c) {
@@ -160,8 +161,9 @@ int NAME(selective_scan_backward)(
                 }
             }
             /* The adjoint, backwards through the chunk. */
-            for (int64_t t = t1 - 1; t >= t0; --t) {
-                const int64_t at = b * s_batch + t * s_time + c0, j = t - t0;
+            for (int64_t step = s1 - 1; step >= s0; --step) {
+                const int64_t t = reverse ? length - 1 - step : step, j = step - s0;
+                const int64_t at = b * s_batch + t * s_time + c0;
                 const REAL *raw = steps + 4 * WIDTH * j, *dt = raw + WIDTH, *uc = dt + WIDTH, *drive = uc + WIDTH;
                 REAL sum_dt[WIDTH], sum_drive[WIDTH];
                 for (int64_t c = 0; c < w; ++c) {
@@ -290,9 +292,9 @@ def load() -> ctypes.CDLL | None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for suffix in ("f32", "f64"):
         forward = getattr(library, f"selective_scan_forward_{suffix}")
-        forward.argtypes = [pointer] * 7 + [size] * 11 + [pointer] * 3 + [size] * 2
+        forward.argtypes = [pointer] * 7 + [size] * 12 + [pointer] * 3 + [size] * 2
         backward = getattr(library, f"selective_scan_backward_{suffix}")
-        backward.argtypes = [pointer] * 7 + [size] + [pointer] * 3 + [size] * 10 + [pointer] * 7 + [size] * 2
+        backward.argtypes = [pointer] * 7 + [size] * 2 + [pointer] * 3 + [size] * 10 + [pointer] * 7 + [size] * 2
         forward.restype = backward.restype = ctypes.c_int
     return library
 
@@ -367,16 +369,17 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 class SelectiveScanKernel(torch.autograd.Function):
     """The selective scan of `ops_selective_scan.selective_scan` before the gate z, in the compiled kernel:
 
-        (u, delta, A, B, C, D, delta_bias, softplus) -> (y (batch, d, L), last state (batch, d, n))
+        (u, delta, A, B, C, D, delta_bias, softplus, reverse) -> (y (batch, d, L), last state (batch, d, n))
 
     with delta <- softplus(delta + delta_bias) and y = scan + D * u, all inside the kernel (those elementwise steps
     and their gradients would otherwise be a dozen passes over (batch, d, L) tensors). u and delta are read in the
     (batch, L, d) layout: a channels-last (batch, d, L) view, as a Mamba mixer makes them, costs no copy, and y and
-    the gradients of u and delta come back in that layout. D and delta_bias may be None.
+    the gradients of u and delta come back in that layout. D and delta_bias may be None. `reverse` scans from the
+    last step to the first (the state after step 0 is then the last state), without copying anything.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, softplus: bool):
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, softplus: bool, reverse: bool):
         library = load()
         batch, d, length = u.shape
         n = A.shape[1]
@@ -394,9 +397,13 @@ class SelectiveScanKernel(torch.autograd.Function):
         sizes = [d, length, n, d * length, d, per_group, *strides, CHUNK]
         inputs = [_pointer(t) for t in (u_laid, delta_laid, delta_bias, D, A, B_laid, C_laid)]
         outputs = [t.data_ptr() for t in (y, last, kept)]
-        _run(getattr(library, f"selective_scan_forward_{suffix}"), items, [*inputs, int(softplus), *sizes, *outputs])
+        _run(
+            getattr(library, f"selective_scan_forward_{suffix}"),
+            items,
+            [*inputs, int(softplus), int(reverse), *sizes, *outputs],
+        )
         ctx.save_for_backward(u_laid, delta_laid, A, B_laid, C_laid, D, delta_bias, kept)
-        ctx.layout = (B.dim(), per_group, strides, softplus)
+        ctx.layout = (B.dim(), per_group, strides, softplus, reverse)
         return y.transpose(1, 2), last
 
     @staticmethod
@@ -404,7 +411,7 @@ class SelectiveScanKernel(torch.autograd.Function):
     def backward(ctx, grad_y, grad_last):
         library = load()
         u_laid, delta_laid, A, B_laid, C_laid, D, delta_bias, kept = ctx.saved_tensors
-        matrix_dims, per_group, strides, softplus = ctx.layout
+        matrix_dims, per_group, strides, softplus, reverse = ctx.layout
         batch, length, d = u_laid.shape
         n = A.shape[1]
         suffix = "f32" if u_laid.dtype == torch.float32 else "f64"
@@ -428,7 +435,7 @@ class SelectiveScanKernel(torch.autograd.Function):
         _run(
             getattr(library, f"selective_scan_backward_{suffix}"),
             items,
-            [*inputs, int(softplus), *saved, *sizes, *outputs],
+            [*inputs, int(softplus), int(reverse), *saved, *sizes, *outputs],
             per_thread=[(grad_B[i], grad_C[i]) for i in range(threads)],
         )
         return (
@@ -439,5 +446,6 @@ class SelectiveScanKernel(torch.autograd.Function):
             _unlayout(grad_C.sum(0), matrix_dims),
             None if D is None else grad_D.sum(0),
             None if delta_bias is None else grad_bias.sum(0),
+            None,
             None,
         )

@@ -34,7 +34,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import ops_cpu_scan
+from .ops_cpu_scan import SelectiveScanKernel
+from .ops_cpu_scan import usable as compiled_kernel_usable
 
 
 def selective_scan(
@@ -48,12 +49,15 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    reverse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Runs the selective scan; returns `out` (batch, d, L) in u's dtype, or `(out, last_state)`.
 
     u, delta, z: (batch, d, L). A: (d, n), real. B, C: (d, n) constant, (batch, n, L) variable, or
     (batch, groups, n, L) variable per group of d / groups channels. D, delta_bias: (d,).
     `last_state` (batch, d, n) is x_L before D and z, in float32 (float64 for float64 inputs).
+    `reverse=True` runs the recurrence from step L - 1 down to step 0 (what the scan of the flipped inputs, flipped
+    back, gives; `last_state` is then the state after step 0); the compiled kernel does it without copies.
     The math runs in float32 (or float64) whatever the input dtype or autocast says.
     """
     _check_arguments(u, delta, A, B, C, D, z, delta_bias)
@@ -64,7 +68,11 @@ def selective_scan(
         D = None if D is None else D.to(compute)
         delta_bias = None if delta_bias is None else delta_bias.to(compute)
         if _use_compiled_kernel(u, delta, A, B, C, *(t for t in (D, delta_bias) if t is not None)):
-            out, last_state = ops_cpu_scan.SelectiveScanKernel.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
+            out, last_state = SelectiveScanKernel.apply(u, delta, A, B, C, D, delta_bias, delta_softplus, reverse)
+        elif reverse:
+            u, delta, B, C = u.flip(-1), delta.flip(-1), _flip_steps(B), _flip_steps(C)
+            out, last_state = _scan_pytorch(u, delta, A, B, C, D, delta_bias, delta_softplus)
+            out = out.flip(-1)
         else:
             out, last_state = _scan_pytorch(u, delta, A, B, C, D, delta_bias, delta_softplus)
         if z is not None:
@@ -88,9 +96,14 @@ def _scan_pytorch(u, delta, A, B, C, D, delta_bias, delta_softplus) -> tuple[tor
     return (out if D is None else out + D[:, None] * u), last_state
 
 
+def _flip_steps(matrix: torch.Tensor) -> torch.Tensor:
+    """B or C in reverse step order (a constant (d, n) matrix has no steps)."""
+    return matrix if matrix.dim() == 2 else matrix.flip(-1)
+
+
 def _use_compiled_kernel(*tensors: torch.Tensor) -> bool:
     """Whether the compiled CPU kernel serves this call (tests switch it off to check the PyTorch path)."""
-    return ops_cpu_scan.usable(*tensors)
+    return compiled_kernel_usable(*tensors)
 
 
 # One call of the scan's core holds a few (batch, d, n, L) tensors at once (the states, their decays, the adjoint):
