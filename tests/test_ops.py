@@ -112,7 +112,7 @@ def scan_backend(request, monkeypatch):
             ops_selective_scan, "SelectiveScanKernel", _counting(ops_cpu_scan.SelectiveScanKernel, served)
         )
     else:
-        monkeypatch.setattr(ops_selective_scan, "_use_compiled_kernel", lambda *tensors: False)
+        monkeypatch.setattr(ops_selective_scan, "USE_COMPILED_KERNEL", False)
         monkeypatch.setattr(
             ops_selective_scan, "_SelectiveScanCore", _counting(ops_selective_scan._SelectiveScanCore, served)
         )
@@ -195,7 +195,7 @@ def test_selective_scan_over_channel_slices_equals_one_pass(kind, channels_per_s
     """Above `STATE_SLICE_ELEMENTS` state values the PyTorch scan runs over slices of channels (grouped B / C: whole
     groups of 2 channels, so 4 per slice -> 4 + 2); outputs, last state and every gradient equal the one-pass scan's.
     (The compiled kernel holds no state-sized tensors and never slices.)"""
-    monkeypatch.setattr(ops_selective_scan, "_use_compiled_kernel", lambda *tensors: False)
+    monkeypatch.setattr(ops_selective_scan, "USE_COMPILED_KERNEL", False)
     inputs = {k: v.requires_grad_() for k, v in _scan_inputs(kind, length=23).items()}
     weight = torch.randn(2, 6, 23, generator=_seeded(3), dtype=torch.float64)
 
@@ -259,6 +259,54 @@ def test_compiled_scan_splits_channels_among_threads_without_changing_results(ki
     for threads in (2, 3):
         for got, want in zip(run(threads), one, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "mixed"])
+def test_selective_scan_gives_the_same_numbers_in_every_layout(layout, scan_backend):
+    """u and delta as transposed views of (batch, L, d) tensors (what the Mamba mixer passes; the compiled kernel reads
+    them in place), or u so and delta not (delta is copied to u's layout): the same outputs and gradients, in float64
+    to rounding, as (batch, d, L) inputs."""
+    inputs = _scan_inputs("variable", length=70, d=21)
+    weight = torch.randn(2, 21, 70, generator=_seeded(6), dtype=torch.float64)
+
+    def run(transposed: tuple[str, ...]):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        laid = {k: v.transpose(1, 2).contiguous().transpose(1, 2) if k in transposed else v for k, v in leaves.items()}
+        out, state = selective_scan(**laid, delta_softplus=True, return_last_state=True)
+        return [out, state, *torch.autograd.grad((out * weight).sum() + state.sum(), list(leaves.values()))]
+
+    expected = run(())
+    got = run(("u", "delta", "z") if layout == "channels_last" else ("u",))
+    for name, a, b in zip(["out", "state", *inputs], got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def _scan_in_child(inputs, results) -> None:
+    torch.set_num_threads(2)
+    results.put(selective_scan(**inputs, delta_softplus=True).tolist())  # plain data: the child exits first
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine: the compiled scan is not built")
+def test_compiled_scan_runs_in_a_forked_child_after_the_parent_used_its_threads():
+    """A process forked after the kernel ran on two threads (a DataLoader worker, say) has none of those threads; its
+    own scan must not wait on them."""
+    import multiprocessing
+
+    inputs = _scan_inputs("variable", length=70, d=130, dtype=torch.float32)  # 3 blocks: both threads get work
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = selective_scan(**inputs, delta_softplus=True)
+    finally:
+        torch.set_num_threads(before)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_scan_in_child, args=(inputs, results))
+    child.start()
+    got = results.get(timeout=120)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    torch.testing.assert_close(torch.tensor(got), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine: the compiled scan is not built")

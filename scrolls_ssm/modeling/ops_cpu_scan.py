@@ -42,8 +42,10 @@ logger = logging.get_logger(__name__)
 CHUNK = 64
 
 # The scan's C body, written once over REAL / EXP / LOG1P / NAME and compiled for float and double. Work items are
-# (batch, block of WIDTH channels) pairs; u, delta, y and their gradients are (batch, L, d) tensors with d contiguous
-# (strides: batch, time), so each step reads one cache line per block. B and C are read at
+# (batch, block of WIDTH channels) pairs; u, delta, y and their gradients share one layout, given by its (batch,
+# channel, time) strides: channels-last (a (batch, L, d) tensor, each step of a block a few cache lines) or
+# time-contiguous (batch, d, L) (each cache line serves 16 steps of one channel, all of a block's lines stay in the
+# first-level cache between steps). B and C are read at
 # B + batch * b_batch + group * b_group + t * b_time + k, and their gradients are written with the same strides.
 _BODY = r"""
 static inline REAL NAME(softplus)(REAL x) { return x > 20 ? x : LOG1P(EXP(x)); }
@@ -51,16 +53,16 @@ static inline REAL NAME(sigmoid)(REAL x) { return x > 20 ? 1 : 1 / (1 + EXP(-x))
 
 /* Step t of a block: delta (after bias and softplus) and the drive delta * u of its w channels, in loops over the
    channels that the compiler vectorizes (exp and log1p included). */
-static inline void NAME(step_inputs)(const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias,
-                                     int64_t softplus, int64_t w, REAL *restrict raw, REAL *restrict dt,
-                                     REAL *restrict uc, REAL *restrict drive) {
-    for (int64_t c = 0; c < w; ++c) raw[c] = delta[c] + (bias ? bias[c] : 0);
+static inline void NAME(step_inputs)(const REAL *restrict u, const REAL *restrict delta, int64_t s_chan,
+                                     const REAL *restrict bias, int64_t softplus, int64_t w, REAL *restrict raw,
+                                     REAL *restrict dt, REAL *restrict uc, REAL *restrict drive) {
+    for (int64_t c = 0; c < w; ++c) raw[c] = delta[c * s_chan] + (bias ? bias[c] : 0);
     if (softplus)
         for (int64_t c = 0; c < w; ++c) dt[c] = NAME(softplus)(raw[c]);
     else
         for (int64_t c = 0; c < w; ++c) dt[c] = raw[c];
     for (int64_t c = 0; c < w; ++c) {
-        uc[c] = u[c];
+        uc[c] = u[c * s_chan];
         drive[c] = dt[c] * uc[c];
     }
 }
@@ -72,10 +74,10 @@ static inline void NAME(group_rows)(int64_t b, int64_t c0, int64_t w, int64_t pe
     for (int64_t c = 0; c < w; ++c) rows[c] = b * b_batch + ((c0 + c) / per_group) * b_group;
 }
 
-int NAME(selective_scan_forward)(
+static inline __attribute__((always_inline)) int NAME(forward_impl)(
     const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D,
     const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus, int64_t reverse,
-    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_time, int64_t per_group,
+    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_chan, int64_t s_time, int64_t per_group,
     int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk,
     REAL *restrict y, REAL *restrict last, REAL *restrict kept, int64_t item_begin, int64_t item_end)
 {
@@ -90,9 +92,9 @@ int NAME(selective_scan_forward)(
         memset(h, 0, WIDTH * n * sizeof(REAL));
         for (int64_t step = 0; step < length; ++step) {
             if (step % chunk == 0) memcpy(kb + (step / chunk) * WIDTH * n, h, w * n * sizeof(REAL));
-            const int64_t t = reverse ? length - 1 - step : step, at = b * s_batch + t * s_time + c0;
+            const int64_t t = reverse ? length - 1 - step : step, at = b * s_batch + t * s_time + c0 * s_chan;
             REAL raw[WIDTH], dt[WIDTH], uc[WIDTH], drive[WIDTH];
-            NAME(step_inputs)(u + at, delta + at, bias ? bias + c0 : 0, softplus, w, raw, dt, uc, drive);
+            NAME(step_inputs)(u + at, delta + at, s_chan, bias ? bias + c0 : 0, softplus, w, raw, dt, uc, drive);
             for (int64_t c = 0; c < w; ++c) {
                 const int64_t row = rows[c] + t * b_time;
                 const REAL *restrict a = A + (c0 + c) * n, *restrict Bt = B + row, *restrict Ct = C + row;
@@ -103,7 +105,7 @@ int NAME(selective_scan_forward)(
                     hc[k] = EXP(dtc * a[k]) * hc[k] + drc * Bt[k];
                     acc += Ct[k] * hc[k];
                 }
-                y[at + c] = acc + (D ? D[c0 + c] * uc[c] : 0);
+                y[at + c * s_chan] = acc + (D ? D[c0 + c] * uc[c] : 0);
             }
         }
         for (int64_t c = 0; c < w; ++c) memcpy(last + (b * d + c0 + c) * n, h + c * n, n * sizeof(REAL));
@@ -112,11 +114,11 @@ int NAME(selective_scan_forward)(
     return 0;
 }
 
-int NAME(selective_scan_backward)(
+static inline __attribute__((always_inline)) int NAME(backward_impl)(
     const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D,
     const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus, int64_t reverse,
     const REAL *restrict kept, const REAL *restrict grad_y, const REAL *restrict grad_last,
-    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_time, int64_t per_group,
+    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_chan, int64_t s_time, int64_t per_group,
     int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk,
     REAL *restrict grad_u, REAL *restrict grad_delta, REAL *restrict grad_A, REAL *restrict grad_D,
     REAL *restrict grad_bias, REAL *restrict grad_B, REAL *restrict grad_C, int64_t item_begin, int64_t item_end)
@@ -145,9 +147,9 @@ int NAME(selective_scan_backward)(
             /* Recompute the chunk's steps from the state kept at its start. */
             for (int64_t step = s0; step < s1; ++step) {
                 const int64_t t = reverse ? length - 1 - step : step, j = step - s0;
-                const int64_t at = b * s_batch + t * s_time + c0;
+                const int64_t at = b * s_batch + t * s_time + c0 * s_chan;
                 REAL *raw = steps + 4 * WIDTH * j, *dt = raw + WIDTH, *uc = dt + WIDTH, *drive = uc + WIDTH;
-                NAME(step_inputs)(u + at, delta + at, bias ? bias + c0 : 0, softplus, w, raw, dt, uc, drive);
+                NAME(step_inputs)(u + at, delta + at, s_chan, bias ? bias + c0 : 0, softplus, w, raw, dt, uc, drive);
                 for (int64_t c = 0; c < w; ++c) {
                     const REAL *restrict a = A + (c0 + c) * n;
                     const REAL *restrict Bt = B + rows[c] + t * b_time;
@@ -163,7 +165,7 @@ int NAME(selective_scan_backward)(
             /* The adjoint, backwards through the chunk. */
             for (int64_t step = s1 - 1; step >= s0; --step) {
                 const int64_t t = reverse ? length - 1 - step : step, j = step - s0;
-                const int64_t at = b * s_batch + t * s_time + c0;
+                const int64_t at = b * s_batch + t * s_time + c0 * s_chan;
                 const REAL *raw = steps + 4 * WIDTH * j, *dt = raw + WIDTH, *uc = dt + WIDTH, *drive = uc + WIDTH;
                 REAL sum_dt[WIDTH], sum_drive[WIDTH];
                 for (int64_t c = 0; c < w; ++c) {
@@ -173,7 +175,7 @@ int NAME(selective_scan_backward)(
                     const REAL *restrict before = j ? states + (j - 1) * state + c * n : kb + ci * state + c * n;
                     REAL *restrict gc = g + c * n, *restrict gAc = gA + c * n;
                     REAL *restrict gBt = grad_B + row, *restrict gCt = grad_C + row;
-                    const REAL gy = grad_y[at + c], dtc = dt[c], drc = drive[c];
+                    const REAL gy = grad_y[at + c * s_chan], dtc = dt[c], drc = drive[c];
                     REAL s_dt = 0, s_drive = 0;
                     for (int64_t k = 0; k < n; ++k) {
                         const REAL full = gc[k] + gy * Ct[k];  /* dL / d state_t */
@@ -189,10 +191,10 @@ int NAME(selective_scan_backward)(
                     sum_drive[c] = s_drive;
                 }
                 for (int64_t c = 0; c < w; ++c) {
-                    const REAL gy = grad_y[at + c], g_dt = sum_dt[c] + sum_drive[c] * uc[c];
+                    const REAL gy = grad_y[at + c * s_chan], g_dt = sum_dt[c] + sum_drive[c] * uc[c];
                     const REAL g_raw = softplus ? g_dt * NAME(sigmoid)(raw[c]) : g_dt;
-                    grad_u[at + c] = sum_drive[c] * dt[c] + (D ? gy * D[c0 + c] : 0);
-                    grad_delta[at + c] = g_raw;
+                    grad_u[at + c * s_chan] = sum_drive[c] * dt[c] + (D ? gy * D[c0 + c] : 0);
+                    grad_delta[at + c * s_chan] = g_raw;
                     gbias[c] += g_raw;
                     gD[c] += gy * uc[c];
                 }
@@ -206,6 +208,38 @@ int NAME(selective_scan_backward)(
     }
     free(states); free(decays); free(steps); free(g); free(gA);
     return 0;
+}
+
+int NAME(selective_scan_forward)(
+    const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D,
+    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus, int64_t reverse,
+    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_chan, int64_t s_time, int64_t per_group,
+    int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk,
+    REAL *restrict y, REAL *restrict last, REAL *restrict kept, int64_t item_begin, int64_t item_end)
+{
+    /* The same code with the channel stride a constant 1 (channels-last), which the compiler vectorizes better. */
+    if (s_chan == 1) return NAME(forward_impl)(u, delta, bias, D, A, B, C, softplus, reverse, d, length, n,
+        s_batch, 1, s_time, per_group, b_batch, b_group, b_time, chunk, y, last, kept, item_begin, item_end);
+    return NAME(forward_impl)(u, delta, bias, D, A, B, C, softplus, reverse, d, length, n, s_batch, s_chan, s_time,
+        per_group, b_batch, b_group, b_time, chunk, y, last, kept, item_begin, item_end);
+}
+
+int NAME(selective_scan_backward)(
+    const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D,
+    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus, int64_t reverse,
+    const REAL *restrict kept, const REAL *restrict grad_y, const REAL *restrict grad_last,
+    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_chan, int64_t s_time, int64_t per_group,
+    int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk,
+    REAL *restrict grad_u, REAL *restrict grad_delta, REAL *restrict grad_A, REAL *restrict grad_D,
+    REAL *restrict grad_bias, REAL *restrict grad_B, REAL *restrict grad_C, int64_t item_begin, int64_t item_end)
+{
+    /* The same code with the channel stride a constant 1 (channels-last), which the compiler vectorizes better. */
+    if (s_chan == 1) return NAME(backward_impl)(u, delta, bias, D, A, B, C, softplus, reverse, kept, grad_y,
+        grad_last, d, length, n, s_batch, 1, s_time, per_group, b_batch, b_group, b_time, chunk, grad_u,
+        grad_delta, grad_A, grad_D, grad_bias, grad_B, grad_C, item_begin, item_end);
+    return NAME(backward_impl)(u, delta, bias, D, A, B, C, softplus, reverse, kept, grad_y, grad_last, d, length,
+        n, s_batch, s_chan, s_time, per_group, b_batch, b_group, b_time, chunk, grad_u, grad_delta, grad_A, grad_D,
+        grad_bias, grad_B, grad_C, item_begin, item_end);
 }
 """
 
@@ -292,9 +326,9 @@ def load() -> ctypes.CDLL | None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for suffix in ("f32", "f64"):
         forward = getattr(library, f"selective_scan_forward_{suffix}")
-        forward.argtypes = [pointer] * 7 + [size] * 12 + [pointer] * 3 + [size] * 2
+        forward.argtypes = [pointer] * 7 + [size] * 13 + [pointer] * 3 + [size] * 2
         backward = getattr(library, f"selective_scan_backward_{suffix}")
-        backward.argtypes = [pointer] * 7 + [size] * 2 + [pointer] * 3 + [size] * 10 + [pointer] * 7 + [size] * 2
+        backward.argtypes = [pointer] * 7 + [size] * 2 + [pointer] * 3 + [size] * 11 + [pointer] * 7 + [size] * 2
         forward.restype = backward.restype = ctypes.c_int
     return library
 
@@ -324,7 +358,9 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """Worker threads for the kernel (it runs outside the GIL). Keyed by process id: a forked child has none of its
+    parent's threads, and a pool inherited from the parent would wait on them forever."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scrolls-ssm-scan")
 
 
@@ -338,7 +374,7 @@ def _run(function, items: int, arguments: list, per_thread=None) -> None:
         extra = [] if per_thread is None else [p.data_ptr() for p in per_thread[i]]
         return function(*arguments, *extra, bounds[i], bounds[i + 1])
 
-    codes = [call(0)] if threads == 1 else list(_pool(threads).map(call, range(threads)))
+    codes = [call(0)] if threads == 1 else list(_pool(threads, os.getpid()).map(call, range(threads)))
     if any(codes):
         raise MemoryError("the compiled selective scan could not allocate its per-thread buffers")
 
@@ -372,9 +408,10 @@ class SelectiveScanKernel(torch.autograd.Function):
         (u, delta, A, B, C, D, delta_bias, softplus, reverse) -> (y (batch, d, L), last state (batch, d, n))
 
     with delta <- softplus(delta + delta_bias) and y = scan + D * u, all inside the kernel (those elementwise steps
-    and their gradients would otherwise be a dozen passes over (batch, d, L) tensors). u and delta are read in the
-    (batch, L, d) layout: a channels-last (batch, d, L) view, as a Mamba mixer makes them, costs no copy, and y and
-    the gradients of u and delta come back in that layout. D and delta_bias may be None. `reverse` scans from the
+    and their gradients would otherwise be a dozen passes over (batch, d, L) tensors). u's layout, channels-last (the
+    transposed (batch, L, d) tensor a Mamba mixer makes) or (batch, d, L), is the kernel's: delta and the gradient of
+    y are copied to it if they differ, and y and the gradients of u and delta come back in it. D and delta_bias may
+    be None. `reverse` scans from the
     last step to the first (the state after step 0 is then the last state), without copying anything.
     """
 
@@ -384,52 +421,50 @@ class SelectiveScanKernel(torch.autograd.Function):
         batch, d, length = u.shape
         n = A.shape[1]
         suffix = "f32" if u.dtype == torch.float32 else "f64"
-        u_laid, delta_laid = u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous()  # (batch, L, d)
+        channels_last = u.stride(1) == 1 and d > 1
+        u, delta = _laid(u, channels_last), _laid(delta, channels_last)
         A = A.contiguous()
         D = None if D is None else D.contiguous()
         delta_bias = None if delta_bias is None else delta_bias.contiguous()
         B_laid, per_group, strides = _matrix_layout(B, batch, d)
         C_laid = _matrix_layout(C, batch, d)[0]
         items = batch * -(-d // WIDTH)
-        y = u_laid.new_empty(batch, length, d)
+        y = torch.empty_like(u)  # u's layout
         last = u.new_empty(batch, d, n)
         kept = u.new_empty(items, -(-length // CHUNK), WIDTH, n)
-        sizes = [d, length, n, d * length, d, per_group, *strides, CHUNK]
-        inputs = [_pointer(t) for t in (u_laid, delta_laid, delta_bias, D, A, B_laid, C_laid)]
+        sizes = [d, length, n, *u.stride(), per_group, *strides, CHUNK]
+        inputs = [_pointer(t) for t in (u, delta, delta_bias, D, A, B_laid, C_laid)]
         outputs = [t.data_ptr() for t in (y, last, kept)]
         _run(
             getattr(library, f"selective_scan_forward_{suffix}"),
             items,
             [*inputs, int(softplus), int(reverse), *sizes, *outputs],
         )
-        ctx.save_for_backward(u_laid, delta_laid, A, B_laid, C_laid, D, delta_bias, kept)
-        ctx.layout = (B.dim(), per_group, strides, softplus, reverse)
-        return y.transpose(1, 2), last
+        ctx.save_for_backward(u, delta, A, B_laid, C_laid, D, delta_bias, kept)
+        ctx.layout = (B.dim(), per_group, strides, softplus, reverse, channels_last)
+        return y, last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_last):
         library = load()
-        u_laid, delta_laid, A, B_laid, C_laid, D, delta_bias, kept = ctx.saved_tensors
-        matrix_dims, per_group, strides, softplus, reverse = ctx.layout
-        batch, length, d = u_laid.shape
+        u, delta, A, B_laid, C_laid, D, delta_bias, kept = ctx.saved_tensors
+        matrix_dims, per_group, strides, softplus, reverse, channels_last = ctx.layout
+        batch, d, length = u.shape
         n = A.shape[1]
-        suffix = "f32" if u_laid.dtype == torch.float32 else "f64"
-        if grad_y is None:
-            grad_y = torch.zeros_like(u_laid)
-        else:
-            grad_y = grad_y.transpose(1, 2).contiguous()  # (batch, L, d)
+        suffix = "f32" if u.dtype == torch.float32 else "f64"
+        grad_y = torch.zeros_like(u) if grad_y is None else _laid(grad_y, channels_last)
         grad_last = None if grad_last is None else grad_last.contiguous()
         items = batch * -(-d // WIDTH)
         threads = max(1, min(torch.get_num_threads(), items))
         # Channels of one group share B and C: each thread sums their gradients into a buffer of its own.
         grad_B = B_laid.new_zeros(threads, *B_laid.shape)
         grad_C = C_laid.new_zeros(threads, *C_laid.shape)
-        grad_u, grad_delta = torch.empty_like(u_laid), torch.empty_like(delta_laid)
+        grad_u, grad_delta = torch.empty_like(u), torch.empty_like(u)
         grad_A = A.new_empty(batch, d, n)
         grad_D, grad_bias = A.new_empty(batch, d), A.new_empty(batch, d)
-        sizes = [d, length, n, d * length, d, per_group, *strides, CHUNK]
-        inputs = [_pointer(t) for t in (u_laid, delta_laid, delta_bias, D, A, B_laid, C_laid)]
+        sizes = [d, length, n, *u.stride(), per_group, *strides, CHUNK]
+        inputs = [_pointer(t) for t in (u, delta, delta_bias, D, A, B_laid, C_laid)]
         saved = [kept.data_ptr(), grad_y.data_ptr(), _pointer(grad_last)]
         outputs = [t.data_ptr() for t in (grad_u, grad_delta, grad_A, grad_D, grad_bias)]
         _run(
@@ -439,8 +474,8 @@ class SelectiveScanKernel(torch.autograd.Function):
             per_thread=[(grad_B[i], grad_C[i]) for i in range(threads)],
         )
         return (
-            grad_u.transpose(1, 2),
-            grad_delta.transpose(1, 2),
+            grad_u,
+            grad_delta,
             grad_A.sum(0),
             _unlayout(grad_B.sum(0), matrix_dims),
             _unlayout(grad_C.sum(0), matrix_dims),
@@ -449,3 +484,9 @@ class SelectiveScanKernel(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _laid(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """x (batch, d, L) as a dense tensor in the kernel's layout: a transposed (batch, L, d) one or (batch, d, L)
+    itself; no copy when it already is."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2) if channels_last else x.contiguous()

@@ -67,7 +67,8 @@ def selective_scan(
         u, delta, A, B, C = u.to(compute), delta.to(compute), A.to(compute), B.to(compute), C.to(compute)
         D = None if D is None else D.to(compute)
         delta_bias = None if delta_bias is None else delta_bias.to(compute)
-        if _use_compiled_kernel(u, delta, A, B, C, *(t for t in (D, delta_bias) if t is not None)):
+        vectors = [t for t in (D, delta_bias) if t is not None]
+        if USE_COMPILED_KERNEL and compiled_kernel_usable(u, delta, A, B, C, *vectors):
             out, last_state = SelectiveScanKernel.apply(u, delta, A, B, C, D, delta_bias, delta_softplus, reverse)
         elif reverse:
             u, delta, B, C = u.flip(-1), delta.flip(-1), _flip_steps(B), _flip_steps(C)
@@ -101,9 +102,9 @@ def _flip_steps(matrix: torch.Tensor) -> torch.Tensor:
     return matrix if matrix.dim() == 2 else matrix.flip(-1)
 
 
-def _use_compiled_kernel(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled CPU kernel serves this call (tests switch it off to check the PyTorch path)."""
-    return compiled_kernel_usable(*tensors)
+# Whether CPU calls go to the compiled kernel where it is built (ops_cpu_scan.py); False forces this module's
+# PyTorch scan (the tests and benchmarks/scan_floor.py compare the two).
+USE_COMPILED_KERNEL = True
 
 
 # One call of the scan's core holds a few (batch, d, n, L) tensors at once (the states, their decays, the adjoint):
