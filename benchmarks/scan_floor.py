@@ -9,7 +9,7 @@ the size of the layer's input. This script times, at each length:
 - one elementwise pass over that state (`c = a * b`: two tensors read, one written), the unit of the floor;
 - the selective scan's forward and backward (`ops_selective_scan.selective_scan`, the layer's shapes), and each as a
   number of such passes: the PyTorch scan, which materializes the state, and the compiled CPU kernel
-  (ops_cpu_scan.py), which keeps it in cache and reads and writes only the (2, d_inner, L) inputs and outputs, 16
+  (ops_cpu.py), which keeps it in cache and reads and writes only the (2, d_inner, L) inputs and outputs, 16
   times less (left blank where the kernel is not built: no C compiler).
 
 With `--scaling-csv`, the report also sets the scan against the budget of the 3x-LED target: LED's step time at the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from scrolls_ssm.modeling import ops_cpu_scan, ops_selective_scan
+from scrolls_ssm.modeling import ops_cpu, ops_selective_scan
 from scrolls_ssm.modeling.ops_selective_scan import selective_scan
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "scan_floor"
@@ -82,7 +82,7 @@ def measure(length: int, repeats: int) -> dict:
 
     row = {"length": length, "state_mib": round(batch * D_STATE * d_inner * length * 4 / 2**20), "pass_s": pass_s}
     for prefix, compiled in (("scan", False), ("compiled", True)):
-        if compiled and ops_cpu_scan.load() is None:
+        if compiled and ops_cpu.load() is None:
             row.update(dict.fromkeys([f"{prefix}_{key}" for key in KEYS], ""))
             continue
         ops_selective_scan.USE_COMPILED_KERNEL = compiled

@@ -267,3 +267,30 @@ def test_mamba_mixer_matches_a_step_by_step_reference_per_row(compiled, monkeypa
         for row, length in enumerate(lengths):
             expected = _mamba_reference_row(mixer, x[row, :length])
             torch.testing.assert_close(out[row, :length], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_mamba_gated_projection_equals_the_plain_gate_and_product():
+    """`GatedProjection` keeps only y and z and recomputes the gate in backward: the same values and gradients as
+    out_proj(y * silu(z)) in float64, and under CPU bfloat16 autocast the same dtypes as F.linear gives."""
+    from scrolls_ssm.modeling.mixer_mamba import GatedProjection
+
+    g = torch.Generator().manual_seed(7)
+    y, z = (torch.randn(2, 13, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    weight = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 13, 5, generator=g, dtype=torch.float64)
+    out = GatedProjection.apply(y, z, weight)
+    expected = torch.nn.functional.linear(y * torch.nn.functional.silu(z), weight)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad((out * upstream).sum(), [y, z, weight])
+    want = torch.autograd.grad((expected * upstream).sum(), [y, z, weight])
+    for name, a, b in zip(["y", "z", "weight"], got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+    y32, z32, w32 = (t.detach().float().requires_grad_() for t in (y, z, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = GatedProjection.apply(y32, z32, w32)
+        reference = torch.nn.functional.linear(y32 * torch.nn.functional.silu(z32), w32)
+    assert out.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference.float(), rtol=0.02, atol=0.02)
+    out.float().sum().backward()
+    assert y32.grad.dtype == z32.grad.dtype == w32.grad.dtype == torch.float32

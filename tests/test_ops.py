@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scrolls_ssm.modeling import ops, ops_cpu_scan, ops_selective_scan
+from scrolls_ssm.modeling import ops, ops_cpu, ops_selective_scan
 from scrolls_ssm.modeling.ops_selective_scan import selective_scan
 from scrolls_ssm.modeling.ops_ssd import ssd_scan
 
@@ -101,16 +101,14 @@ HAS_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
 
 @pytest.fixture(params=["compiled", "pytorch"])
 def scan_backend(request, monkeypatch):
-    """Runs a test once on the compiled CPU kernel (ops_cpu_scan.py) and once on the PyTorch two-level scan, and
+    """Runs a test once on the compiled CPU kernel (ops_cpu.py) and once on the PyTorch two-level scan, and
     checks that the backend asked for is the one that served every call."""
     served = []
     if request.param == "compiled":
         if not HAS_COMPILER:
             pytest.skip("no C compiler on this machine: the compiled scan is not built")
-        assert ops_cpu_scan.load() is not None, "a C compiler is on PATH, yet the compiled scan did not build"
-        monkeypatch.setattr(
-            ops_selective_scan, "SelectiveScanKernel", _counting(ops_cpu_scan.SelectiveScanKernel, served)
-        )
+        assert ops_cpu.load() is not None, "a C compiler is on PATH, yet the compiled scan did not build"
+        monkeypatch.setattr(ops_selective_scan, "SelectiveScanKernel", _counting(ops_cpu.SelectiveScanKernel, served))
     else:
         monkeypatch.setattr(ops_selective_scan, "USE_COMPILED_KERNEL", False)
         monkeypatch.setattr(
@@ -314,14 +312,14 @@ def test_compiled_scan_is_built_once_into_the_cache(tmp_path, monkeypatch):
     """The first load compiles into $SCROLLS_SSM_CACHE/kernels; a later process (here: a cleared cache of the
     loader) loads that file without compiling again."""
     monkeypatch.setenv("SCROLLS_SSM_CACHE", str(tmp_path))
-    monkeypatch.setattr(ops_cpu_scan, "load", ops_cpu_scan.load.__wrapped__)  # uncached
-    assert ops_cpu_scan.load() is not None
+    monkeypatch.setattr(ops_cpu, "load", ops_cpu.load.__wrapped__)  # uncached
+    assert ops_cpu.load() is not None
     (library,) = (tmp_path / "kernels").glob("selective_scan-*.so")
     assert not any(path.name.startswith(".build-") for path in (tmp_path / "kernels").iterdir())
     built = library.stat().st_mtime_ns
     compiled = []
-    monkeypatch.setattr(ops_cpu_scan, "_compile", lambda *args: compiled.append(args))
-    assert ops_cpu_scan.load() is not None and not compiled and library.stat().st_mtime_ns == built
+    monkeypatch.setattr(ops_cpu, "_compile", lambda *args: compiled.append(args))
+    assert ops_cpu.load() is not None and not compiled and library.stat().st_mtime_ns == built
 
 
 @pytest.mark.parametrize(
@@ -339,18 +337,18 @@ def test_without_the_compiled_scan_the_pytorch_scan_serves_with_one_warning(
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     warnings = []
-    monkeypatch.setattr(ops_cpu_scan.logger, "warning", warnings.append)
-    ops_cpu_scan.load.cache_clear()
+    monkeypatch.setattr(ops_cpu.logger, "warning", warnings.append)
+    ops_cpu.load.cache_clear()
     try:
         inputs = _scan_inputs("variable", dtype=torch.float32)
-        assert not ops_cpu_scan.usable(*(inputs[k] for k in ("u", "delta", "A", "B", "C")))
+        assert not ops_cpu.usable(*(inputs[k] for k in ("u", "delta", "A", "B", "C")))
         expected, _ = selective_scan_reference(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True)
         for _ in range(2):
             torch.testing.assert_close(
                 selective_scan(**inputs, delta_softplus=True).double(), expected, rtol=1e-4, atol=1e-4
             )
     finally:
-        ops_cpu_scan.load.cache_clear()
+        ops_cpu.load.cache_clear()
     if reason is None:
         assert warnings == []
     else:
@@ -550,8 +548,19 @@ def test_s4d_ops_reject_bad_inputs():
 
 
 # ---------------------------------------------------------------------------------------------- causal conv
+@pytest.fixture(params=["compiled", "pytorch"])
+def conv_backend(request, monkeypatch):
+    """Runs a test on the compiled CPU convolution (ops_cpu.py) and on the PyTorch one."""
+    if request.param == "compiled":
+        if not HAS_COMPILER:
+            pytest.skip("no C compiler on this machine: the compiled kernels are not built")
+        assert ops_cpu.load() is not None, "a C compiler is on PATH, yet the compiled kernels did not build"
+    monkeypatch.setattr(ops, "USE_COMPILED_CONV", request.param == "compiled")
+    return request.param
+
+
 @pytest.mark.parametrize("activation", [None, "silu"])
-def test_causal_conv1d_matches_direct_sum(activation):
+def test_causal_conv1d_matches_direct_sum(activation, conv_backend):
     g = _seeded(11)
     x, weight, bias = torch.randn(2, 3, 9, generator=g), torch.randn(3, 4, generator=g), torch.randn(3, generator=g)
     expected = torch.stack(
@@ -566,7 +575,7 @@ def test_causal_conv1d_matches_direct_sum(activation):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("reverse", [False, True], ids=["causal", "reverse"])
-def test_causal_conv1d_gradients_match_conv1d_in_both_layouts(layout, with_bias, reverse):
+def test_causal_conv1d_gradients_match_conv1d_in_both_layouts(layout, with_bias, reverse, conv_backend):
     """The hand-written backward gives conv1d's gradients (float64), for a (batch, d, L) tensor and for the transposed
     view of a (batch, L, d) one, which is what the Mamba-2 mixer passes; the outputs keep the input's layout. The
     reverse convolution (Mamba-1's backward direction) equals conv1d on the flipped sequence, flipped back."""
@@ -597,6 +606,55 @@ def test_causal_conv1d_gradients_match_conv1d_in_both_layouts(layout, with_bias,
         torch.testing.assert_close(g_got, g_expected)
     assert (out.stride(1) == 1) == (layout == "channels_last")
     assert torch.autograd.gradcheck(lambda x, w: ops.causal_conv1d(x, w, bias, reverse=reverse), (x, weight))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "reverse"])
+def test_causal_conv1d_with_a_pad_mask_reads_pads_as_zeros_and_zeroes_them(layout, reverse, conv_backend):
+    """`keep` equals masking x before and the output after (float64, values and gradients); 70 channels: a whole
+    block of the compiled kernel's 64 and part of one. Pads hold 1e4, so a leak would show."""
+    g = _seeded(13)
+    shape = (2, 70, 19) if layout == "contiguous" else (2, 19, 70)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    x = (x if layout == "contiguous" else x.transpose(1, 2)).requires_grad_(True)
+    keep = torch.ones(2, 19, dtype=torch.float64)
+    keep[1, 12:] = 0
+    with torch.no_grad():
+        x[1, :, 12:] = 1e4
+    weight = torch.randn(70, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(70, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 70, 19, generator=g, dtype=torch.float64)
+
+    def grads(fn):
+        out = fn()
+        return out, torch.autograd.grad((out * upstream).sum(), [x, weight, bias])
+
+    out, got = grads(lambda: ops.causal_conv1d(x, weight, bias, "silu", reverse=reverse, keep=keep))
+    mask = keep[:, None]
+
+    def reference():
+        inputs = x * mask
+        inputs = inputs.flip(-1) if reverse else inputs
+        y = F.silu(F.conv1d(inputs, weight[:, None], bias, padding=3, groups=70)[..., :19])
+        return (y.flip(-1) if reverse else y) * mask
+
+    ref_out, expected = grads(reference)
+    torch.testing.assert_close(out, ref_out)
+    assert out[1, :, 12:].abs().max() == 0
+    for name, g_got, g_expected in zip(["x", "weight", "bias"], got, expected, strict=True):
+        torch.testing.assert_close(g_got, g_expected, msg=name)
+    with pytest.raises(ValueError, match=r"keep must have shape \(batch, L\)"):
+        ops.causal_conv1d(x, weight, bias, "silu", keep=keep[:, :5])
+
+
+def test_causal_conv1d_silu_stays_finite_for_huge_inputs(conv_backend):
+    """SiLU of very negative pre-activations is (minus) zero, not NaN (the compiled kernel keeps its exp finite)."""
+    g = _seeded(14)
+    x = torch.randn(1, 8, 10, generator=g) * 1e4
+    weight, bias = torch.randn(8, 4, generator=g), torch.randn(8, generator=g)
+    out = ops.causal_conv1d(x, weight, bias, "silu")
+    expected = F.silu(F.conv1d(x, weight[:, None], bias, padding=3, groups=8)[..., :10])
+    torch.testing.assert_close(out, expected)
 
 
 # ---------------------------------------------------------------------------------------------- kernel dispatch

@@ -63,14 +63,10 @@ class MambaDirection(nn.Module):
     def forward(self, x: torch.Tensor, reverse: bool = False, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (batch, d_inner, L) -> y (batch, d_inner, L), D skip included, gate not applied.
 
-        `reverse` runs from the end of the sequence; `keep` (batch, 1, L), 1 at real tokens and 0 at pads, zeroes the
+        `reverse` runs from the end of the sequence; `keep` (batch, L), 1 at real tokens and 0 at pads, zeroes the
         pads' inputs to the convolution and to the scan (the reverse direction needs it; the forward one does not:
         its pads come after every real token)."""
-        if keep is not None:
-            x = x * keep
-        x = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu", reverse=reverse)
-        if keep is not None:
-            x = x * keep
+        x = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu", reverse=reverse, keep=keep)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, L, d_inner) -> (batch, d_inner, L)
         return selective_scan(
@@ -103,6 +99,33 @@ class BiMambaMixer(nn.Module):
         # x and z as two products on halves of in_proj's weight: the backward of one product split in two would
         # concatenate their (batch, E, L) gradients, a slow strided copy.
         x, z = (F.linear(hidden_states, weight).transpose(1, 2) for weight in self.in_proj.weight.chunk(2))
-        keep = None if attention_mask is None else attention_mask[:, None, :].to(x.dtype)
-        y = (self.forward_ssm(x) + self.backward_ssm(x, reverse=True, keep=keep)) * F.silu(z)
-        return self.out_proj(y.transpose(1, 2))  # (batch, E, L) -> (batch, L, E) -> (batch, L, d_model)
+        keep = None if attention_mask is None else attention_mask.to(x.dtype)
+        y = self.forward_ssm(x) + self.backward_ssm(x, reverse=True, keep=keep)
+        # (batch, E, L) -> (batch, L, E) -> (batch, L, d_model)
+        return GatedProjection.apply(y.transpose(1, 2), z.transpose(1, 2), self.out_proj.weight)
+
+
+class GatedProjection(torch.autograd.Function):
+    """out_proj(y * silu(z)), keeping only y and z for backward (the gate and the gated product are recomputed there):
+    two (batch, L, E) tensors per layer instead of four, a quarter of what a Mamba layer holds at 16K tokens.
+
+    Under autocast the product runs in autocast's dtype, as `F.linear` does; the backward casts to match.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y, z, weight)
+        return F.linear(y * F.silu(z), weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        y, z, weight = ctx.saved_tensors
+        gate = torch.sigmoid(z)
+        silu = z * gate
+        grad_gated = grad @ weight.to(grad.dtype)
+        grad_weight = (grad.flatten(0, -2).t() @ (y * silu).to(grad.dtype).flatten(0, -2)).to(weight.dtype)
+        grad_gated = grad_gated.to(y.dtype)
+        grad_y = grad_gated * silu
+        grad_z = grad_gated * y * gate * (1 + z * (1 - gate))
+        return grad_y, grad_z.to(z.dtype), grad_weight

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import logging
 
+from .ops_cpu import CausalConvKernel
+from .ops_cpu import usable as compiled_kernel_usable
 from .ops_s4d import fft_conv, s4d_kernel
 from .ops_selective_scan import selective_scan as _selective_scan_torch
 from .ops_ssd import ssd_scan
@@ -164,12 +166,15 @@ def causal_conv1d(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     reverse: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Depthwise causal convolution: x (batch, d, L), weight (d, width), bias (d,); activation None or "silu".
 
     Output t sees inputs t - width + 1 .. t; returns (batch, d, L) in x's dtype. `reverse=True` is the same
     convolution run from the end of the sequence (the causal convolution of the flipped x, flipped back): output t
-    sees inputs t .. t + width - 1, weight[:, -1] on input t.
+    sees inputs t .. t + width - 1, weight[:, -1] on input t. `keep` (batch, L), 1 at real tokens and 0 at pads,
+    reads the pads' inputs as zeros and zeroes their outputs. On CPU float32 / float64 tensors the compiled kernel
+    (ops_cpu.py) does all of it in one pass and keeps only x for backward.
     """
     if activation not in (None, "silu"):
         raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}.")
@@ -178,14 +183,32 @@ def causal_conv1d(
             f"causal_conv1d: x must have shape (batch, d, L) and weight (d, width) with the same d, got "
             f"{tuple(x.shape)} and {tuple(weight.shape)}."
         )
+    if keep is not None and keep.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(
+            f"causal_conv1d: keep must have shape (batch, L) = {(x.shape[0], x.shape[2])}, got {tuple(keep.shape)}."
+        )
+    parameters = [weight] + ([] if bias is None else [bias])
+    if USE_COMPILED_CONV and compiled_kernel_usable(x, *parameters):
+        return CausalConvKernel.apply(x, weight, bias, keep, activation == "silu", reverse)
+    mask = None if keep is None else keep[:, None, :].to(x.dtype)
+    if mask is not None:
+        x = x * mask
     if _causal_conv1d_cuda is not None and x.is_cuda:
         if x.dtype in _KERNEL_DTYPES and 2 <= weight.shape[1] <= 4:
             if reverse:
-                return _causal_conv1d_cuda(x.flip(-1), weight, bias, activation=activation).flip(-1)
-            return _causal_conv1d_cuda(x, weight, bias, activation=activation)
+                y = _causal_conv1d_cuda(x.flip(-1), weight, bias, activation=activation).flip(-1)
+            else:
+                y = _causal_conv1d_cuda(x, weight, bias, activation=activation)
+            return y if mask is None else y * mask
         _fall_back("causal_conv1d", "it takes float32/16 inputs and widths 2 to 4")
     y = _CausalDepthwiseConv.apply(x, weight, bias, reverse)
-    return F.silu(y) if activation == "silu" else y
+    y = F.silu(y) if activation == "silu" else y
+    return y if mask is None else y * mask
+
+
+# Whether CPU calls go to the compiled convolution (ops_cpu.py) where it is built; False forces the PyTorch path
+# (the tests compare the two).
+USE_COMPILED_CONV = True
 
 
 def _causal_conv_forward(

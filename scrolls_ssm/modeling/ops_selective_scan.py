@@ -23,7 +23,7 @@ the scan), so that only one slice's are alive at a time.
 
 On a CPU this scan is bound by memory traffic over its states: about 10 passes over them forward and 24 backward
 (`benchmarks/scan_floor.py`, docs/benchmarks.md). So on CPU float32 / float64 tensors the core runs in a compiled
-kernel that keeps each channel's state in registers (ops_cpu_scan.py), where the machine has a C compiler; this
+kernel that keeps each channel's state in registers (ops_cpu.py), where the machine has a C compiler; this
 module's two-level scan serves every other call (CUDA without mamba-ssm, tracing, no compiler) with the same numbers.
 """
 
@@ -34,8 +34,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .ops_cpu_scan import SelectiveScanKernel
-from .ops_cpu_scan import usable as compiled_kernel_usable
+from .ops_cpu import SelectiveScanKernel
+from .ops_cpu import usable as compiled_kernel_usable
 
 
 def selective_scan(
@@ -102,7 +102,7 @@ def _flip_steps(matrix: torch.Tensor) -> torch.Tensor:
     return matrix if matrix.dim() == 2 else matrix.flip(-1)
 
 
-# Whether CPU calls go to the compiled kernel where it is built (ops_cpu_scan.py); False forces this module's
+# Whether CPU calls go to the compiled kernel where it is built (ops_cpu.py); False forces this module's
 # PyTorch scan (the tests and benchmarks/scan_floor.py compare the two).
 USE_COMPILED_KERNEL = True
 

@@ -50,7 +50,8 @@ CHUNK = 64
 # B + batch * b_batch + group * b_group + t * b_time + k, and their gradients are written with the same strides.
 _BODY = r"""
 static inline REAL NAME(softplus)(REAL x) { return x > 20 ? x : LOG1P(EXP(x)); }
-static inline REAL NAME(sigmoid)(REAL x) { return x > 20 ? 1 : 1 / (1 + EXP(-x)); }
+/* Arguments of exp stay finite: under -ffast-math, 1 / inf may be computed as a reciprocal estimate that gives NaN. */
+static inline REAL NAME(sigmoid)(REAL x) { return x > 20 ? 1 : x < -80 ? 0 : 1 / (1 + EXP(-x)); }
 
 /* A block's per-step and per-state values are arrays over its WIDTH channels, [k][c] for states, so that every inner
    loop runs over the channels: a constant trip count that the compiler vectorizes whole (exp included), with no sums
@@ -294,6 +295,146 @@ int NAME(selective_scan_backward)(
         n, s_batch, s_chan, s_time, per_group, b_batch, b_group, b_time, chunk, grad_u, grad_delta, grad_A, grad_D,
         grad_bias, grad_B, grad_C, item_begin, item_end);
 }
+
+/* The depthwise causal convolution with SiLU, fused with the pad mask: y_t = keep_t act(bias + sum_k w_k keep_s x_s)
+   over s = t - width + 1 + k (s = t + width - 1 - k in reverse). Work items as in the scan: (batch, block of WIDTH
+   channels); the same strides for x, y and their gradients. A block's weights are copied to [k][c] first, so that
+   every inner loop runs over contiguous channels. */
+static inline void NAME(conv_weights)(const REAL *restrict w, int64_t c0, int64_t cw, int64_t width,
+                                      REAL *restrict wt) {
+    for (int64_t k = 0; k < width; ++k)
+        for (int64_t c = 0; c < WIDTH; ++c) wt[k * WIDTH + c] = c < cw ? w[(c0 + c) * width + k] : 0;
+}
+
+static inline __attribute__((always_inline)) void NAME(conv_pre)(
+    const REAL *restrict x, const REAL *restrict wt, const REAL *restrict bias, const REAL *restrict keep,
+    int64_t reverse, int64_t length, int64_t width, int64_t s_chan, int64_t s_time, int64_t t, int64_t c0,
+    int64_t cw, REAL *restrict pre) {
+    for (int64_t c = 0; c < WIDTH; ++c) pre[c] = c < cw && bias ? bias[c0 + c] : 0;
+    for (int64_t k = 0; k < width; ++k) {
+        const int64_t src = reverse ? t + width - 1 - k : t - width + 1 + k;
+        if (src < 0 || src >= length || (keep && keep[src] == 0)) continue;
+        const REAL *restrict xs = x + src * s_time, *restrict wk = wt + k * WIDTH;
+        for (int64_t c = 0; c < cw; ++c) pre[c] += wk[c] * xs[c * s_chan];
+    }
+}
+
+static inline __attribute__((always_inline)) int NAME(conv_forward_impl)(
+    const REAL *restrict x, const REAL *restrict w, const REAL *restrict bias, const REAL *restrict keep,
+    int64_t silu, int64_t reverse, int64_t d, int64_t length, int64_t width, int64_t s_batch, int64_t s_chan,
+    int64_t s_time, REAL *restrict y, int64_t item_begin, int64_t item_end)
+{
+    const int64_t blocks = (d + WIDTH - 1) / WIDTH;
+    REAL *wt = malloc(width * WIDTH * sizeof(REAL));
+    if (!wt) return 1;
+    for (int64_t item = item_begin; item < item_end; ++item) {
+        const int64_t b = item / blocks, c0 = (item % blocks) * WIDTH, cw = d - c0 < WIDTH ? d - c0 : WIDTH;
+        const REAL *xb = x + b * s_batch + c0 * s_chan, *kb = keep ? keep + b * length : 0;
+        REAL *yb = y + b * s_batch + c0 * s_chan;
+        NAME(conv_weights)(w, c0, cw, width, wt);
+        for (int64_t t = 0; t < length; ++t) {
+            REAL pre[WIDTH], out[WIDTH];
+            if (cw == WIDTH)  /* a constant trip count: whole vectors, no remainder loops */
+                NAME(conv_pre)(xb, wt, bias, kb, reverse, length, width, s_chan, s_time, t, c0, WIDTH, pre);
+            else
+                NAME(conv_pre)(xb, wt, bias, kb, reverse, length, width, s_chan, s_time, t, c0, cw, pre);
+            const REAL kept_t = kb ? kb[t] : 1;
+            for (int64_t c = 0; c < WIDTH; ++c)
+                out[c] = kept_t * (silu ? pre[c] * NAME(sigmoid)(pre[c]) : pre[c]);
+            for (int64_t c = 0; c < cw; ++c) yb[t * s_time + c * s_chan] = out[c];
+        }
+    }
+    free(wt);
+    return 0;
+}
+
+/* Backward: the pre-activation is recomputed (only x is kept), the gradient before the activation is gathered into
+   a (L, WIDTH) buffer per block, then x's gradient is the convolution run the other way and the weights' and bias's
+   gradients are sums over the steps (per batch row: the caller sums the rows). */
+static inline __attribute__((always_inline)) int NAME(conv_backward_impl)(
+    const REAL *restrict x, const REAL *restrict w, const REAL *restrict bias, const REAL *restrict keep,
+    int64_t silu, int64_t reverse, int64_t d, int64_t length, int64_t width, int64_t s_batch, int64_t s_chan,
+    int64_t s_time, const REAL *restrict grad_y, REAL *restrict grad_x, REAL *restrict grad_w,
+    REAL *restrict grad_bias, int64_t item_begin, int64_t item_end)
+{
+    const int64_t blocks = (d + WIDTH - 1) / WIDTH;
+    REAL *gp = malloc(length * WIDTH * sizeof(REAL)), *wt = malloc(width * WIDTH * sizeof(REAL));
+    REAL *gw = malloc(width * WIDTH * sizeof(REAL));
+    if (!gp || !wt || !gw) { free(gp); free(wt); free(gw); return 1; }
+    for (int64_t item = item_begin; item < item_end; ++item) {
+        const int64_t b = item / blocks, c0 = (item % blocks) * WIDTH, cw = d - c0 < WIDTH ? d - c0 : WIDTH;
+        const int64_t offset = b * s_batch + c0 * s_chan;
+        const REAL *xb = x + offset, *gyb = grad_y + offset, *kb = keep ? keep + b * length : 0;
+        REAL *gxb = grad_x + offset, gb[WIDTH] = {0};
+        NAME(conv_weights)(w, c0, cw, width, wt);
+        memset(gw, 0, width * WIDTH * sizeof(REAL));
+        for (int64_t t = 0; t < length; ++t) {
+            REAL pre[WIDTH], gy[WIDTH];
+            if (cw == WIDTH)
+                NAME(conv_pre)(xb, wt, bias, kb, reverse, length, width, s_chan, s_time, t, c0, WIDTH, pre);
+            else
+                NAME(conv_pre)(xb, wt, bias, kb, reverse, length, width, s_chan, s_time, t, c0, cw, pre);
+            const REAL kept_t = kb ? kb[t] : 1;
+            for (int64_t c = 0; c < WIDTH; ++c) gy[c] = c < cw ? kept_t * gyb[t * s_time + c * s_chan] : 0;
+            REAL *restrict g = gp + t * WIDTH;
+            for (int64_t c = 0; c < WIDTH; ++c) {
+                const REAL sig = NAME(sigmoid)(pre[c]);
+                g[c] = silu ? gy[c] * sig * (1 + pre[c] * (1 - sig)) : gy[c];
+                gb[c] += g[c];
+            }
+        }
+        for (int64_t s = 0; s < length; ++s) {
+            REAL gx[WIDTH] = {0};
+            if (!(kb && kb[s] == 0)) {
+                REAL xs[WIDTH];
+                for (int64_t c = 0; c < cw; ++c) xs[c] = xb[s * s_time + c * s_chan];
+                for (int64_t k = 0; k < width; ++k) {
+                    /* x_s feeds output t = s + width - 1 - k (causal) or s - width + 1 + k (reverse) through w_k */
+                    const int64_t t = reverse ? s - width + 1 + k : s + width - 1 - k;
+                    if (t < 0 || t >= length) continue;
+                    const REAL *restrict g = gp + t * WIDTH, *restrict wk = wt + k * WIDTH;
+                    REAL *restrict gwk = gw + k * WIDTH;
+                    for (int64_t c = 0; c < cw; ++c) {
+                        gx[c] += wk[c] * g[c];
+                        gwk[c] += g[c] * xs[c];
+                    }
+                }
+            }
+            for (int64_t c = 0; c < cw; ++c) gxb[s * s_time + c * s_chan] = gx[c];
+        }
+        for (int64_t c = 0; c < cw; ++c) {
+            for (int64_t k = 0; k < width; ++k) grad_w[(b * d + c0 + c) * width + k] = gw[k * WIDTH + c];
+            grad_bias[b * d + c0 + c] = gb[c];
+        }
+    }
+    free(gp); free(wt); free(gw);
+    return 0;
+}
+
+int NAME(conv_forward)(const REAL *restrict x, const REAL *restrict w, const REAL *restrict bias,
+                       const REAL *restrict keep, int64_t silu, int64_t reverse, int64_t d, int64_t length,
+                       int64_t width, int64_t s_batch, int64_t s_chan, int64_t s_time, REAL *restrict y,
+                       int64_t item_begin, int64_t item_end)
+{
+    if (s_chan == 1)  /* channels-last, with a constant stride the compiler vectorizes */
+        return NAME(conv_forward_impl)(x, w, bias, keep, silu, reverse, d, length, width, s_batch, 1, s_time, y,
+                                       item_begin, item_end);
+    return NAME(conv_forward_impl)(x, w, bias, keep, silu, reverse, d, length, width, s_batch, s_chan, s_time, y,
+                                   item_begin, item_end);
+}
+
+int NAME(conv_backward)(const REAL *restrict x, const REAL *restrict w, const REAL *restrict bias,
+                        const REAL *restrict keep, int64_t silu, int64_t reverse, int64_t d, int64_t length,
+                        int64_t width, int64_t s_batch, int64_t s_chan, int64_t s_time, const REAL *restrict grad_y,
+                        REAL *restrict grad_x, REAL *restrict grad_w, REAL *restrict grad_bias,
+                        int64_t item_begin, int64_t item_end)
+{
+    if (s_chan == 1)
+        return NAME(conv_backward_impl)(x, w, bias, keep, silu, reverse, d, length, width, s_batch, 1, s_time,
+                                        grad_y, grad_x, grad_w, grad_bias, item_begin, item_end);
+    return NAME(conv_backward_impl)(x, w, bias, keep, silu, reverse, d, length, width, s_batch, s_chan, s_time,
+                                    grad_y, grad_x, grad_w, grad_bias, item_begin, item_end);
+}
 """
 
 WIDTH = 64  # channels per work item: eight 8-float vectors per state; per step, u and delta are 4 cache lines each
@@ -383,6 +524,11 @@ def load() -> ctypes.CDLL | None:
         backward = getattr(library, f"selective_scan_backward_{suffix}")
         backward.argtypes = [pointer] * 7 + [size] * 2 + [pointer] * 3 + [size] * 11 + [pointer] * 7 + [size] * 2
         forward.restype = backward.restype = ctypes.c_int
+        conv_forward = getattr(library, f"conv_forward_{suffix}")
+        conv_forward.argtypes = [pointer] * 4 + [size] * 8 + [pointer] + [size] * 2
+        conv_backward = getattr(library, f"conv_backward_{suffix}")
+        conv_backward.argtypes = [pointer] * 4 + [size] * 8 + [pointer] * 4 + [size] * 2
+        conv_forward.restype = conv_backward.restype = ctypes.c_int
     return library
 
 
@@ -543,3 +689,50 @@ def _laid(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """x (batch, d, L) as a dense tensor in the kernel's layout: a transposed (batch, L, d) one or (batch, d, L)
     itself; no copy when it already is."""
     return x.transpose(1, 2).contiguous().transpose(1, 2) if channels_last else x.contiguous()
+
+
+class CausalConvKernel(torch.autograd.Function):
+    """`ops.causal_conv1d` with SiLU (or none) and a pad mask, in the compiled kernel:
+
+        (x (batch, d, L), weight (d, width), bias (d,) or None, keep (batch, L) or None, silu, reverse) -> y
+
+    y_t = keep_t act(bias + sum_k weight_k keep_s x_s) over the inputs s that output t reads (t - width + 1 .. t, or
+    t .. t + width - 1 in reverse). Only x is kept for backward: the pre-activation is recomputed there. y and x's
+    gradient come back in x's layout (channels-last or (batch, d, L), read through strides, no copies)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, keep, silu: bool, reverse: bool):
+        library = load()
+        batch, d, length = x.shape
+        suffix = "f32" if x.dtype == torch.float32 else "f64"
+        x = _laid(x, x.stride(1) == 1 and d > 1)
+        weight = weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        keep = None if keep is None else keep.to(x.dtype).contiguous()
+        y = torch.empty_like(x)
+        items = batch * -(-d // WIDTH)
+        inputs = [_pointer(t) for t in (x, weight, bias, keep)]
+        sizes = [int(silu), int(reverse), d, length, weight.shape[1], *x.stride()]
+        _run(getattr(library, f"conv_forward_{suffix}"), items, [*inputs, *sizes, y.data_ptr()])
+        ctx.save_for_backward(x, weight, bias, keep)
+        ctx.flags = (silu, reverse)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        library = load()
+        x, weight, bias, keep = ctx.saved_tensors
+        silu, reverse = ctx.flags
+        batch, d, length = x.shape
+        suffix = "f32" if x.dtype == torch.float32 else "f64"
+        grad_y = _laid(grad_y, x.stride(1) == 1 and d > 1)
+        grad_x = torch.empty_like(x)
+        grad_w = x.new_empty(batch, *weight.shape)
+        grad_b = x.new_empty(batch, d)
+        items = batch * -(-d // WIDTH)
+        inputs = [_pointer(t) for t in (x, weight, bias, keep)]
+        sizes = [int(silu), int(reverse), d, length, weight.shape[1], *x.stride()]
+        outputs = [t.data_ptr() for t in (grad_y, grad_x, grad_w, grad_b)]
+        _run(getattr(library, f"conv_backward_{suffix}"), items, [*inputs, *sizes, *outputs])
+        return grad_x, grad_w.sum(0), None if bias is None else grad_b.sum(0), None, None, None
