@@ -203,7 +203,12 @@ def test_mamba2_mixer_matches_a_step_by_step_reference_per_row(overrides):
     """The mixer's padded, chunked, flipped computation equals the recurrence run on each row's real tokens alone
     (float64, but the mixer takes dt's softplus and the gated norm in float32, hence 1e-6): rows of 21 (three chunks of
     8, the last one partial) and 9 tokens, garbage at the pads."""
-    mixer = make_mixer("mamba2", overrides).double()
+    _check_padded_rows_against(make_mixer("mamba2", overrides).double(), _mamba2_reference_row, tolerance=1e-6)
+
+
+def _check_padded_rows_against(mixer, reference_row, tolerance: float) -> None:
+    """The mixer on a float64 batch of rows of 21 and 9 tokens, garbage (1e3) at the pads, against
+    `reference_row(mixer, real tokens)` for each row."""
     lengths = [21, 9]
     x = hidden(2, 21).double()
     x[1, lengths[1] :] = 1e3
@@ -213,8 +218,8 @@ def test_mamba2_mixer_matches_a_step_by_step_reference_per_row(overrides):
     with torch.no_grad():
         out = mixer(x, mask)
         for row, length in enumerate(lengths):
-            expected = _mamba2_reference_row(mixer, x[row, :length])
-            torch.testing.assert_close(out[row, :length], expected, rtol=1e-6, atol=1e-6)
+            expected = reference_row(mixer, x[row, :length])
+            torch.testing.assert_close(out[row, :length], expected, rtol=tolerance, atol=tolerance)
 
 
 def _mamba_reference_row(mixer, h: torch.Tensor) -> torch.Tensor:
@@ -255,18 +260,7 @@ def test_mamba_mixer_matches_a_step_by_step_reference_per_row(compiled, monkeypa
         pytest.skip("no C compiler on this machine: the compiled scan is not built")
     if not compiled:
         monkeypatch.setattr(ops_selective_scan, "USE_COMPILED_KERNEL", False)
-    mixer = make_mixer("mamba", {}).double()
-    lengths = [21, 9]
-    x = hidden(2, 21).double()
-    x[1, lengths[1] :] = 1e3
-    mask = torch.zeros(2, 21, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        mask[row, :length] = 1
-    with torch.no_grad():
-        out = mixer(x, mask)
-        for row, length in enumerate(lengths):
-            expected = _mamba_reference_row(mixer, x[row, :length])
-            torch.testing.assert_close(out[row, :length], expected, rtol=1e-10, atol=1e-10)
+    _check_padded_rows_against(make_mixer("mamba", {}).double(), _mamba_reference_row, tolerance=1e-10)
 
 
 def test_mamba_gated_projection_equals_the_plain_gate_and_product():

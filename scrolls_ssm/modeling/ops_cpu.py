@@ -93,11 +93,7 @@ static inline int NAME(block_setup)(const REAL *restrict A, int64_t b, int64_t c
 }
 
 static inline __attribute__((always_inline)) int NAME(forward_impl)(
-    const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D,
-    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus, int64_t reverse,
-    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_chan, int64_t s_time, int64_t per_group,
-    int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk,
-    REAL *restrict y, REAL *restrict last, REAL *restrict kept, int64_t item_begin, int64_t item_end)
+    SCAN_FORWARD_PARAMETERS)
 {
     const int64_t blocks = (d + WIDTH - 1) / WIDTH, chunks = (length + chunk - 1) / chunk, state = WIDTH * n;
     REAL *h = malloc(state * sizeof(REAL)), *a = malloc(state * sizeof(REAL));
@@ -141,13 +137,7 @@ static inline __attribute__((always_inline)) int NAME(forward_impl)(
 }
 
 static inline __attribute__((always_inline)) int NAME(backward_impl)(
-    const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D,
-    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus, int64_t reverse,
-    const REAL *restrict kept, const REAL *restrict grad_y, const REAL *restrict grad_last,
-    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_chan, int64_t s_time, int64_t per_group,
-    int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk,
-    REAL *restrict grad_u, REAL *restrict grad_delta, REAL *restrict grad_A, REAL *restrict grad_D,
-    REAL *restrict grad_bias, REAL *restrict grad_B, REAL *restrict grad_C, int64_t item_begin, int64_t item_end)
+    SCAN_BACKWARD_PARAMETERS)
 {
     const int64_t blocks = (d + WIDTH - 1) / WIDTH, chunks = (length + chunk - 1) / chunk, state = WIDTH * n;
     REAL *states = malloc(chunk * state * sizeof(REAL)), *decays = malloc(chunk * state * sizeof(REAL));
@@ -265,11 +255,7 @@ static inline __attribute__((always_inline)) int NAME(backward_impl)(
 }
 
 int NAME(selective_scan_forward)(
-    const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D,
-    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus, int64_t reverse,
-    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_chan, int64_t s_time, int64_t per_group,
-    int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk,
-    REAL *restrict y, REAL *restrict last, REAL *restrict kept, int64_t item_begin, int64_t item_end)
+    SCAN_FORWARD_PARAMETERS)
 {
     /* The same code with the channel stride a constant 1 (channels-last), which the compiler vectorizes better. */
     if (s_chan == 1) return NAME(forward_impl)(u, delta, bias, D, A, B, C, softplus, reverse, d, length, n,
@@ -279,13 +265,7 @@ int NAME(selective_scan_forward)(
 }
 
 int NAME(selective_scan_backward)(
-    const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D,
-    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus, int64_t reverse,
-    const REAL *restrict kept, const REAL *restrict grad_y, const REAL *restrict grad_last,
-    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_chan, int64_t s_time, int64_t per_group,
-    int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk,
-    REAL *restrict grad_u, REAL *restrict grad_delta, REAL *restrict grad_A, REAL *restrict grad_D,
-    REAL *restrict grad_bias, REAL *restrict grad_B, REAL *restrict grad_C, int64_t item_begin, int64_t item_end)
+    SCAN_BACKWARD_PARAMETERS)
 {
     /* The same code with the channel stride a constant 1 (channels-last), which the compiler vectorizes better. */
     if (s_chan == 1) return NAME(backward_impl)(u, delta, bias, D, A, B, C, softplus, reverse, kept, grad_y,
@@ -460,9 +440,28 @@ static inline float exp_decay_f32(float x) {
 }
 """
 
+_PARAMETERS = r"""
+/* The scan's parameters, shared by its implementations and their entry points. */
+#define SCAN_FORWARD_PARAMETERS \
+    const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D, \
+    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus, int64_t reverse, \
+    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_chan, int64_t s_time, int64_t per_group, \
+    int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk, \
+    REAL *restrict y, REAL *restrict last, REAL *restrict kept, int64_t item_begin, int64_t item_end
+#define SCAN_BACKWARD_PARAMETERS \
+    const REAL *restrict u, const REAL *restrict delta, const REAL *restrict bias, const REAL *restrict D, \
+    const REAL *restrict A, const REAL *restrict B, const REAL *restrict C, int64_t softplus, int64_t reverse, \
+    const REAL *restrict kept, const REAL *restrict grad_y, const REAL *restrict grad_last, \
+    int64_t d, int64_t length, int64_t n, int64_t s_batch, int64_t s_chan, int64_t s_time, int64_t per_group, \
+    int64_t b_batch, int64_t b_group, int64_t b_time, int64_t chunk, \
+    REAL *restrict grad_u, REAL *restrict grad_delta, REAL *restrict grad_A, REAL *restrict grad_D, \
+    REAL *restrict grad_bias, REAL *restrict grad_B, REAL *restrict grad_C, int64_t item_begin, int64_t item_end
+"""
+
 _SOURCE = (
     f"#include <math.h>\n#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>\n#define WIDTH {WIDTH}\n"
     + _FAST_EXP
+    + _PARAMETERS
     + "#define REAL float\n#define EXP expf\n#define DECAY exp_decay_f32\n#define LOG1P log1pf\n"
     + "#define NAME(x) x##_f32\n"
     + _BODY
