@@ -314,7 +314,7 @@ def test_compiled_scan_is_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SCROLLS_SSM_CACHE", str(tmp_path))
     monkeypatch.setattr(ops_cpu, "load", ops_cpu.load.__wrapped__)  # uncached
     assert ops_cpu.load() is not None
-    (library,) = (tmp_path / "kernels").glob("selective_scan-*.so")
+    (library,) = (tmp_path / "kernels").glob("ops_cpu-*.so")
     assert not any(path.name.startswith(".build-") for path in (tmp_path / "kernels").iterdir())
     built = library.stat().st_mtime_ns
     compiled = []
@@ -352,7 +352,7 @@ def test_without_the_compiled_scan_the_pytorch_scan_serves_with_one_warning(
     if reason is None:
         assert warnings == []
     else:
-        assert len(warnings) == 1 and reason in warnings[0] and "using the PyTorch scan" in warnings[0]
+        assert len(warnings) == 1 and reason in warnings[0] and "using the PyTorch paths" in warnings[0]
     assert not list(tmp_path.rglob("*.so"))
 
 

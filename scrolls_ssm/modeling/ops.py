@@ -4,7 +4,8 @@ Every op has a pure-PyTorch path (ops_selective_scan.py, ops_ssd.py, ops_s4d.py)
 gives the same numbers. When `mamba_ssm` / `causal_conv1d` are installed and the tensors are on CUDA, the fused
 kernels serve the call instead; a call they cannot serve (dtype, shape) falls back to PyTorch with one warning per
 kernel. The imports sit in try blocks, which transformers' `trust_remote_code` requirement check skips, so a model
-saved with this file loads where the kernels are missing.
+saved with this file loads where the kernels are missing. On CPUs, Mamba's selective scan and the causal
+convolution go to the kernels of ops_cpu.py, compiled on first use where the machine has a C compiler.
 """
 
 from __future__ import annotations

@@ -470,7 +470,7 @@ _SOURCE = (
     + _BODY
 )
 
-# -ffast-math lets the compiler vectorize the loops over n, sums and exp included (glibc's vector exp). It is given
+# -ffast-math lets the compiler vectorize the loops, sums and exp included (glibc's vector exp). It is given
 # to the compile step only: linked into a shared library it would add crtfastmath.o, which switches the whole process
 # to flush-to-zero arithmetic when the library loads.
 _COMPILE_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-std=c11"]
@@ -523,7 +523,7 @@ def _compile(compiler: str, target: Path) -> str | None:
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first use; None (with one warning saying why) where it cannot be."""
+    """The compiled kernels, built on first use; None (with one warning saying why) where they cannot be."""
     if os.environ.get("SCROLLS_SSM_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
@@ -531,7 +531,7 @@ def load() -> ctypes.CDLL | None:
         return _unavailable(f"no C compiler found (looked for {os.environ.get('CC', 'cc')!r} on PATH; set CC)")
     try:
         key = "\n".join([_SOURCE, *_COMPILE_FLAGS, _compiler_version(compiler), _cpu_signature()])
-        target = _cache_dir() / f"selective_scan-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+        target = _cache_dir() / f"ops_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
         if not target.is_file():
             error = _compile(compiler, target)
             if error is not None:
@@ -556,9 +556,9 @@ def load() -> ctypes.CDLL | None:
 
 def _unavailable(reason: str) -> None:
     logger.warning(
-        f"Mamba's compiled CPU selective scan is unavailable ({reason}); using the PyTorch scan (same results, "
-        "several times slower on long inputs). Install a C compiler (e.g. gcc) or set SCROLLS_SSM_CPU_KERNELS=0 "
-        "to silence this."
+        f"The compiled CPU kernels (Mamba's selective scan, the causal convolution) are unavailable ({reason}); "
+        "using the PyTorch paths (same results to rounding, Mamba several times slower on long inputs). Install a C "
+        "compiler (e.g. gcc) or set SCROLLS_SSM_CPU_KERNELS=0 to silence this."
     )
     return None
 
@@ -597,7 +597,7 @@ def _run(function, items: int, arguments: list, per_thread=None) -> None:
 
     codes = [call(0)] if threads == 1 else list(_pool(threads, os.getpid()).map(call, range(threads)))
     if any(codes):
-        raise MemoryError("the compiled selective scan could not allocate its per-thread buffers")
+        raise MemoryError("a compiled CPU kernel could not allocate its buffers")
 
 
 def _matrix_layout(matrix: torch.Tensor, batch: int, d: int) -> tuple[torch.Tensor, int, list[int]]:
