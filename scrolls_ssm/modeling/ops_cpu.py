@@ -1,4 +1,4 @@
-"""Mamba-1's selective scan as a compiled CPU kernel that keeps the state in cache.
+"""Compiled CPU kernels: Mamba-1's selective scan (its state kept in cache) and the causal convolution.
 
 The pure-PyTorch scan (ops_selective_scan.py) materializes the (batch, d, n, L) states and passes over them about 34
 times per forward + backward: on a CPU that memory traffic is its whole cost (docs/benchmarks.md, "Mamba-1: the floor
@@ -12,11 +12,14 @@ that stops it on a CPU"). This kernel walks the L steps once per block of `WIDTH
   giving the gradients of u, delta, A, B, C, D and the bias;
 - `reverse` runs the steps from last to first in place (Mamba's backward direction), no flip.
 
+The convolution (`CausalConvKernel`, for `ops.causal_conv1d`) fuses SiLU and the pad mask and keeps only its input
+for backward, where the pre-activation is recomputed.
+
 The C source lives in this file, so that a checkpoint's copied code (`trust_remote_code`) carries it. It is compiled
 on first use with the machine's C compiler (`$CC`, else `cc`), for this CPU (`-march=native`), into
 `$SCROLLS_SSM_CACHE/kernels` (default `~/.cache/scrolls_ssm/kernels`), written atomically so that parallel processes
-can race for it. Where no compiler works the scan falls back to the PyTorch path, with one warning that says why;
-`SCROLLS_SSM_CPU_KERNELS=0` turns the kernel off. Blocks are independent, so they are split among
+can race for it. Where no compiler works the ops fall back to their PyTorch paths, with one warning that says why;
+`SCROLLS_SSM_CPU_KERNELS=0` turns the kernels off. Blocks are independent, so they are split among
 `torch.get_num_threads()` threads (the kernel runs outside the GIL).
 """
 
@@ -619,6 +622,11 @@ def _unlayout(grad: torch.Tensor, dims: int) -> torch.Tensor:
     return grad if dims == 2 else grad.transpose(-1, -2)
 
 
+def _kernel(name: str, dtype: torch.dtype):
+    """The compiled function `name` for float32 or float64 tensors."""
+    return getattr(load(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+
 def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
@@ -638,11 +646,9 @@ class SelectiveScanKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, softplus: bool, reverse: bool):
-        library = load()
         batch, d, length = u.shape
         n = A.shape[1]
-        suffix = "f32" if u.dtype == torch.float32 else "f64"
-        channels_last = u.stride(1) == 1 and d > 1
+        channels_last = _channels_last(u)
         u, delta = _laid(u, channels_last), _laid(delta, channels_last)
         A = A.contiguous()
         D = None if D is None else D.contiguous()
@@ -657,24 +663,22 @@ class SelectiveScanKernel(torch.autograd.Function):
         inputs = [_pointer(t) for t in (u, delta, delta_bias, D, A, B_laid, C_laid)]
         outputs = [t.data_ptr() for t in (y, last, kept)]
         _run(
-            getattr(library, f"selective_scan_forward_{suffix}"),
+            _kernel("selective_scan_forward", u.dtype),
             items,
             [*inputs, int(softplus), int(reverse), *sizes, *outputs],
         )
         ctx.save_for_backward(u, delta, A, B_laid, C_laid, D, delta_bias, kept)
-        ctx.layout = (B.dim(), per_group, strides, softplus, reverse, channels_last)
+        ctx.layout = (B.dim(), per_group, strides, softplus, reverse)
         return y, last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_last):
-        library = load()
         u, delta, A, B_laid, C_laid, D, delta_bias, kept = ctx.saved_tensors
-        matrix_dims, per_group, strides, softplus, reverse, channels_last = ctx.layout
+        matrix_dims, per_group, strides, softplus, reverse = ctx.layout
         batch, d, length = u.shape
         n = A.shape[1]
-        suffix = "f32" if u.dtype == torch.float32 else "f64"
-        grad_y = torch.zeros_like(u) if grad_y is None else _laid(grad_y, channels_last)
+        grad_y = torch.zeros_like(u) if grad_y is None else _laid(grad_y, _channels_last(u))
         grad_last = None if grad_last is None else grad_last.contiguous()
         items = batch * -(-d // WIDTH)
         threads = max(1, min(torch.get_num_threads(), items))
@@ -689,7 +693,7 @@ class SelectiveScanKernel(torch.autograd.Function):
         saved = [kept.data_ptr(), grad_y.data_ptr(), _pointer(grad_last)]
         outputs = [t.data_ptr() for t in (grad_u, grad_delta, grad_A, grad_D, grad_bias)]
         _run(
-            getattr(library, f"selective_scan_backward_{suffix}"),
+            _kernel("selective_scan_backward", u.dtype),
             items,
             [*inputs, int(softplus), int(reverse), *saved, *sizes, *outputs],
             per_thread=[(grad_B[i], grad_C[i]) for i in range(threads)],
@@ -705,6 +709,11 @@ class SelectiveScanKernel(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether the kernels read (batch, d, L) x channels-last (stride 1 along d) rather than along L."""
+    return x.stride(1) == 1 and x.shape[1] > 1
 
 
 def _laid(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -724,10 +733,8 @@ class CausalConvKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, keep, silu: bool, reverse: bool):
-        library = load()
         batch, d, length = x.shape
-        suffix = "f32" if x.dtype == torch.float32 else "f64"
-        x = _laid(x, x.stride(1) == 1 and d > 1)
+        x = _laid(x, _channels_last(x))
         weight = weight.contiguous()
         bias = None if bias is None else bias.contiguous()
         keep = None if keep is None else keep.to(x.dtype).contiguous()
@@ -735,7 +742,7 @@ class CausalConvKernel(torch.autograd.Function):
         items = batch * -(-d // WIDTH)
         inputs = [_pointer(t) for t in (x, weight, bias, keep)]
         sizes = [int(silu), int(reverse), d, length, weight.shape[1], *x.stride()]
-        _run(getattr(library, f"conv_forward_{suffix}"), items, [*inputs, *sizes, y.data_ptr()])
+        _run(_kernel("conv_forward", x.dtype), items, [*inputs, *sizes, y.data_ptr()])
         ctx.save_for_backward(x, weight, bias, keep)
         ctx.flags = (silu, reverse)
         return y
@@ -743,12 +750,10 @@ class CausalConvKernel(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        library = load()
         x, weight, bias, keep = ctx.saved_tensors
         silu, reverse = ctx.flags
         batch, d, length = x.shape
-        suffix = "f32" if x.dtype == torch.float32 else "f64"
-        grad_y = _laid(grad_y, x.stride(1) == 1 and d > 1)
+        grad_y = _laid(grad_y, _channels_last(x))
         grad_x = torch.empty_like(x)
         grad_w = x.new_empty(batch, *weight.shape)
         grad_b = x.new_empty(batch, d)
@@ -756,5 +761,5 @@ class CausalConvKernel(torch.autograd.Function):
         inputs = [_pointer(t) for t in (x, weight, bias, keep)]
         sizes = [int(silu), int(reverse), d, length, weight.shape[1], *x.stride()]
         outputs = [t.data_ptr() for t in (grad_y, grad_x, grad_w, grad_b)]
-        _run(getattr(library, f"conv_backward_{suffix}"), items, [*inputs, *sizes, *outputs])
+        _run(_kernel("conv_backward", x.dtype), items, [*inputs, *sizes, *outputs])
         return grad_x, grad_w.sum(0), None if bias is None else grad_b.sum(0), None, None, None

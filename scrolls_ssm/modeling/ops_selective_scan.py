@@ -23,7 +23,7 @@ the scan), so that only one slice's are alive at a time.
 
 On a CPU this scan is bound by memory traffic over its states: about 10 passes over them forward and 24 backward
 (`benchmarks/scan_floor.py`, docs/benchmarks.md). So on CPU float32 / float64 tensors the core runs in a compiled
-kernel that keeps each channel's state in registers (ops_cpu.py), where the machine has a C compiler; this
+kernel that keeps each block of channels' state in cache (ops_cpu.py), where the machine has a C compiler; this
 module's two-level scan serves every other call (CUDA without mamba-ssm, tracing, no compiler) with the same numbers.
 """
 
