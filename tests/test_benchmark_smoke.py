@@ -95,19 +95,26 @@ def test_t5_family_encoders_are_measured(encoder_scaling, config):
     assert result["status"] == "ok" and result["time_s"] > 0 and result["gflop"] > 0, result
 
 
+def _per_layer_argv(tmp_path, lengths: list[int], scaling: list[tuple]) -> list[str]:
+    """The arguments of a one-layer script (scan_floor.py, mamba2_budget.py) at this process's thread count (the
+    script sets it: keep ours), with a scaling CSV of (config, length, status, time_s, threads above ours) rows."""
+    import torch
+
+    threads = torch.get_num_threads()
+    path = tmp_path / "scaling.csv"
+    lines = [
+        f"{config},{length},{status},{time_s},{threads + extra}" for config, length, status, time_s, extra in scaling
+    ]
+    path.write_text("\n".join(["config,length,status,time_s,threads", *lines]) + "\n")
+    lengths_argv = [str(length) for length in lengths]
+    return ["--lengths", *lengths_argv, "--repeats", "1", "--threads", str(threads), "--scaling-csv", str(path)]
+
+
 def test_scan_floor_counts_the_scan_in_passes_and_sets_it_against_led(tmp_path):
     """benchmarks/scan_floor.py at tiny lengths: the passes are the scan's times over the pass time, and the budget is
     LED's time (from a scaling CSV, at the run's thread count only) / 3 / the `small` encoder's 4 layers."""
-    import torch
-
-    threads = torch.get_num_threads()  # the script sets the thread count: keep this process's
-    scaling = tmp_path / "scaling.csv"
-    scaling.write_text(
-        "config,length,status,time_s,threads\n"
-        f"led,256,ok,6.0,{threads}\nled,256,ok,99.0,{threads + 1}\n"
-        f"led,512,error,,{threads}\ns4d,256,ok,1.0,{threads}\n"
-    )
-    argv = ["--lengths", "256", "512", "--repeats", "1", "--threads", str(threads), "--scaling-csv", str(scaling)]
+    scaling = [("led", 256, "ok", 6.0, 0), ("led", 256, "ok", 99.0, 1), ("led", 512, "error", "", 0)]
+    argv = _per_layer_argv(tmp_path, [256, 512], [*scaling, ("s4d", 256, "ok", 1.0, 0)])
     for scan_floor in import_benchmark("scan_floor"):
         paths = scan_floor.main([*argv, "--out", str(tmp_path)])
     assert [path.name for path in paths] == ["scan_floor.csv", "scan_floor.md", "scan_floor.png"]
@@ -132,16 +139,8 @@ def test_mamba2_budget_splits_the_mixer_into_its_parts_and_sets_it_against_led(t
     """benchmarks/mamba2_budget.py at tiny lengths: every part is timed, the glue is the mixer's time less the parts',
     and the mixer's budget is LED / 3 / 4 layers less the FFN-only encoder's time per layer, from the CSV rows of the
     run's thread count only (a length LED or ffn-only lacks gets no budget)."""
-    import torch
-
-    threads = torch.get_num_threads()  # the script sets the thread count: keep this process's
-    scaling = tmp_path / "scaling.csv"
-    scaling.write_text(
-        "config,length,status,time_s,threads\n"
-        f"led,128,ok,12.0,{threads}\nled,128,ok,99.0,{threads + 1}\nffn-only,128,ok,2.0,{threads}\n"
-        f"led,256,ok,24.0,{threads}\n"
-    )
-    argv = ["--lengths", "128", "256", "--repeats", "1", "--threads", str(threads), "--scaling-csv", str(scaling)]
+    scaling = [("led", 128, "ok", 12.0, 0), ("led", 128, "ok", 99.0, 1), ("ffn-only", 128, "ok", 2.0, 0)]
+    argv = _per_layer_argv(tmp_path, [128, 256], [*scaling, ("led", 256, "ok", 24.0, 0)])
     for budget in import_benchmark("mamba2_budget"):
         paths = budget.main([*argv, "--out", str(tmp_path)])
         parts = budget.PARTS
